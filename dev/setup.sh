@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Set up everything nanochat needs, idempotently: a .venv, PyTorch (a CPU build where there is no
+# NVIDIA GPU), the project's Python dependencies, and the rustbpe tokenizer trainer (Rust, built by
+# maturin). A second run skips every step whose inputs did not change, so it takes a second or two.
+#
+#   bash dev/setup.sh          # what speedrun.sh needs
+#   bash dev/setup.sh --dev    # plus test/bench tools (pytest, HF tokenizers, playwright, openai)
+#
+# Offline fallbacks (used only when the normal path fails): PyTorch from a local wheel folder that
+# pip is configured with; Rust crates from Debian's packaged crate sources (dev/offline_crates.sh).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+DEV=0; [[ "${1:-}" == "--dev" ]] && DEV=1
+PYTHON=${PYTHON:-python3}
+STAMPS="$ROOT/.stamps"; mkdir -p "$STAMPS"
+say() { echo "[setup] $*"; }
+# stamp NAME INPUT...: true if NAME was stamped with the current hash of the inputs
+hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+fresh() { local name=$1; shift; [[ -f "$STAMPS/$name" && "$(cat "$STAMPS/$name")" == "$(hash_of "$@")" ]]; }
+stamp() { local name=$1; shift; hash_of "$@" > "$STAMPS/$name"; }
+
+# ---------------------------------------------------------------- venv
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv with $($PYTHON --version)"
+  $PYTHON -m venv .venv
+fi
+PY="$ROOT/.venv/bin/python"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+
+# ---------------------------------------------------------------- torch
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    say "NVIDIA GPU found: installing the default (CUDA) PyTorch build"
+    "${PIP[@]}" "torch>=2.5,<2.15"
+  else
+    say "no NVIDIA GPU: installing a CPU build of PyTorch"
+    # 1) a local wheel (this is how offline machines carry torch), 2) PyTorch's CPU index,
+    # 3) whatever the default index has.
+    "${PIP[@]}" --no-index "torch==2.13.0" 2>/dev/null \
+      || "${PIP[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+      || "${PIP[@]}" "torch>=2.5,<2.15"
+  fi
+fi
+
+# ---------------------------------------------------------------- nanochat (editable) + deps
+extras=""; [[ $DEV == 1 ]] && extras="[dev]"
+if ! fresh "pip$DEV" pyproject.toml; then
+  say "installing nanochat (editable) and its dependencies ${extras}"
+  "${PIP[@]}" -e ".${extras}"
+  stamp "pip$DEV" pyproject.toml
+  [[ $DEV == 1 ]] && stamp pip0 pyproject.toml
+fi
+
+# ---------------------------------------------------------------- rustbpe
+RUST_INPUTS=(rustbpe/Cargo.toml rustbpe/pyproject.toml rustbpe/src/*.rs)
+if ! fresh rustbpe "${RUST_INPUTS[@]}" || ! "$PY" -c "import rustbpe" 2>/dev/null; then
+  command -v cargo >/dev/null || { echo "[setup] cargo not found: install Rust (https://rustup.rs) and re-run" >&2; exit 1; }
+  # The public crates registry where it answers; Debian's packaged crate sources where it does not.
+  if ! (cd rustbpe && timeout 120 cargo fetch -q >/dev/null 2>&1); then
+    say "crates registry unreachable: using Debian's packaged crate sources (dev/offline_crates.sh)"
+    rm -f rustbpe/Cargo.lock  # a lock made against one registry does not match the other
+    eval "$(bash dev/offline_crates.sh)"
+  fi
+  say "building rustbpe (release; a clean build takes 1-2 minutes on 2 cores)"
+  "${PIP[@]}" maturin
+  (cd rustbpe && "$ROOT/.venv/bin/maturin" build --release -q -o "$ROOT/rustbpe/target/wheels" >/dev/null)
+  "${PIP[@]}" --force-reinstall --no-deps rustbpe/target/wheels/rustbpe-*.whl
+  rm -f rustbpe/target/wheels/rustbpe-*.whl
+  stamp rustbpe "${RUST_INPUTS[@]}"
+fi
+say "ready: $("$PY" -c 'import torch, rustbpe, nanochat; print("torch", torch.__version__)')"

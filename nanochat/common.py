@@ -1,0 +1,248 @@
+"""
+Common utilities: the one door for devices, distributed init, seeding, the base directory,
+rank-0 printing, logging, a no-op wandb stand-in, and locked atomic downloads.
+
+Design choices:
+- `compute_init()` decides device, process group and seeds once and returns a small named
+  structure (`Compute`). Scripts never branch on the device themselves: `compute.synchronize()`,
+  `compute.max_memory_allocated()` and `compute.autocast()` are no-ops where they do not apply.
+- Every rank seeds with the same value, so a model initialised on each rank is identical
+  without a broadcast (the distributed optimisers rely on that).
+- Importing this module does no heavy work: no device query, no network, no file writes.
+
+Run under torchrun, e.g. `torchrun --standalone --nproc_per_node=8 -m scripts.base_train`;
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, which `compute_init` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+# -----------------------------------------------------------------------------
+# Logging and printing
+
+
+class _ColoredFormatter(logging.Formatter):
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m",
+              "CRITICAL": "\033[35m"}
+
+    def format(self, record):
+        msg = super().format(record)
+        color = self.COLORS.get(record.levelname)
+        if color and os.isatty(2):
+            msg = f"{color}{msg}\033[0m"
+        return msg
+
+
+def setup_default_logging(level: int = logging.INFO) -> None:
+    """Log 'time level name: message' to stderr, once per process."""
+    root = logging.getLogger()
+    if any(getattr(h, "_nanochat", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler._nanochat = True
+    handler.setFormatter(_ColoredFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_distributed, rank, local_rank, world_size), read from torchrun's environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_master_process() -> bool:
+    return get_dist_info()[1] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if is_master_process():
+        print(*args, **kwargs)
+
+
+def get_base_dir() -> str:
+    """All state lives here: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+# -----------------------------------------------------------------------------
+# Devices and distributed init
+
+
+def autodetect_device_type() -> str:
+    """cuda > mps > cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What a script needs to know about where it runs. Returned by compute_init()."""
+    ddp: bool  # launched by torchrun (even with one process)
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    device_type: str  # "cuda" | "mps" | "cpu"
+
+    @property
+    def master_process(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CUDA; full precision (a no-op context) elsewhere."""
+        if self.device_type == "cuda":
+            return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest timings); a no-op off CUDA/MPS."""
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+    def max_memory_allocated(self) -> int:
+        """Peak device memory in bytes; 0 where the backend does not track it."""
+        if self.device_type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return 0
+
+
+def compute_init(device_type: str = "", seed: int = 42) -> Compute:
+    """Pick the device, join the process group if under torchrun, seed everything."""
+    device_type = device_type or autodetect_device_type()
+    assert device_type in ("cuda", "mps", "cpu"), f"--device_type must be cuda, mps or cpu (got {device_type!r})"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device_type=cuda was asked for, but torch sees no CUDA device")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device_type=mps was asked for, but torch sees no MPS device")
+
+    # Same seed on every rank: identical init without a broadcast.
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+        dist.barrier()
+    setup_default_logging()
+    if rank == 0:
+        logger.info(f"device {device} ({device_type}), world size {world_size}")
+    return Compute(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
+                   device=device, device_type=device_type)
+
+
+def compute_cleanup() -> None:
+    """Leave the process group, if we joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Experiment logging: wandb only when asked for
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off: every call is a no-op."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def get_wandb(run: str, project: str, config: dict, master_process: bool):
+    """A real wandb run only for `--run=<name>` (not 'dummy') on rank 0; else a no-op.
+    wandb is imported only here, so offline use never touches the network."""
+    if run == "dummy" or not master_process:
+        return DummyWandb()
+    import wandb  # optional dependency: pip install nanochat[wandb]
+    return wandb.init(project=project, name=run, config=config)
+
+
+# -----------------------------------------------------------------------------
+# Files: an inter-process lock and a retrying, atomic download
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Exclusive lock on `path` (created if needed) across processes, e.g. torchrun ranks."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def download_file(url: str, path: str, attempts: int = 5, chunk_size: int = 1 << 20,
+                  timeout: float = 30.0, backoff: float = 1.0, validate=None) -> str:
+    """Download `url` to `path`, streaming in chunks to `path.tmp` and renaming when complete.
+
+    Retries up to `attempts` times with exponential backoff (backoff · 1, 2, 4, ... s). A partial or
+    invalid file (`validate(tmp_path)` raising) is deleted, never renamed into place, so `path`
+    exists only if it is complete. Returns `path`; raises RuntimeError after the last attempt.
+    """
+    import requests  # imported lazily: importing nanochat.common stays cheap
+
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    last_error = None
+    for attempt in range(1, attempts + 1):
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as response:
+                response.raise_for_status()
+                expected = response.headers.get("Content-Length")
+                written = 0
+                with open(tmp_path, "wb") as f:
+                    for chunk in response.iter_content(chunk_size=chunk_size):
+                        if chunk:
+                            f.write(chunk)
+                            written += len(chunk)
+                if expected is not None and written != int(expected):
+                    raise IOError(f"truncated download: got {written} of {expected} bytes")
+            if validate is not None:
+                validate(tmp_path)
+            os.replace(tmp_path, path)
+            return path
+        except Exception as e:  # network errors, HTTP errors, truncation, validation
+            last_error = e
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp_path)
+            if attempt < attempts:
+                wait = backoff * 2 ** (attempt - 1)
+                logger.warning(f"download of {url} failed (attempt {attempt}/{attempts}): {e}; retrying in {wait}s")
+                time.sleep(wait)
+    raise RuntimeError(f"could not download {url} after {attempts} attempts: {last_error}")

@@ -1,0 +1,103 @@
+"""
+Command-line flags for the stage scripts: `--key=value` overrides of keyword defaults.
+
+Each script declares its defaults once, at the top, as a dict, and calls `parse_flags`:
+
+    cfg = parse_flags(dict(depth=20, device_batch_size=32, run="dummy"), doc=__doc__)
+    cfg.depth  # int, from --depth=12 or the default
+
+- The type of each flag is the type of its default (bool, int, float or str). Ints accept
+  scientific notation when it is integral (`--max_chars=2e9`); bools accept true/false/1/0/yes/no,
+  and a bare `--flag` means true.
+- An unknown flag or a value of the wrong type is an error that names the flag and lists the valid
+  ones. `--help` prints every flag with its default and exits.
+- Under torchrun the flags follow the module: `torchrun ... -m scripts.base_train -- --depth=20`
+  (a bare `--` is skipped).
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+class FlagError(SystemExit):
+    """A bad command line. A SystemExit carrying the message: the script ends printing it to stderr
+    with exit status 1, not a traceback."""
+
+
+def _convert(key: str, value: str, default):
+    """Turn the string `value` into the type of `default`, or raise FlagError."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            low = value.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            try:
+                return int(value)
+            except ValueError:
+                as_float = float(value)  # allow 2e9, 1_000 is handled by int()
+                if not as_float.is_integer():
+                    raise
+                return int(as_float)
+        if kind is float:
+            return float(value)
+        return value
+    except ValueError:
+        raise FlagError(f"flag --{key} expects type {kind.__name__} (default {default!r}), got {value!r}") from None
+
+
+def format_flags(defaults: dict) -> str:
+    width = max((len(k) for k in defaults), default=0)
+    return "\n".join(f"  --{k:<{width}} = {v!r}  ({type(v).__name__})" for k, v in defaults.items())
+
+
+def parse_flags(defaults: dict, argv: list[str] | None = None, doc: str | None = None) -> SimpleNamespace:
+    """Return a namespace of `defaults` overridden by `--key=value` arguments in argv."""
+    for key, value in defaults.items():
+        assert isinstance(value, (bool, int, float, str)), f"default of {key} must be bool/int/float/str"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    values = dict(defaults)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            continue
+        if arg in ("-h", "--help"):
+            print((doc.strip() + "\n\n") if doc else "", end="")
+            print("flags (default):\n" + format_flags(defaults))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise FlagError(f"unexpected argument {arg!r}: flags look like --key=value\n"
+                            f"valid flags:\n{format_flags(defaults)}")
+        key, eq, value = arg[2:].partition("=")
+        if key not in defaults:
+            raise FlagError(f"unknown flag --{key}\nvalid flags:\n{format_flags(defaults)}")
+        if not eq:
+            if isinstance(defaults[key], bool):
+                value = "true"  # a bare --flag switches a boolean on
+            elif i < len(argv) and not argv[i].startswith("--"):
+                value = argv[i]  # --key value
+                i += 1
+            else:
+                raise FlagError(f"flag --{key} needs a value: --{key}=...")
+        values[key] = _convert(key, value, defaults[key])
+    return SimpleNamespace(**values)
+
+
+def print_flags(cfg: SimpleNamespace, defaults: dict | None = None) -> None:
+    """Print the flags once (rank 0), marking the ones changed from their defaults."""
+    from nanochat.common import print0
+    print0("flags:")
+    for key, value in vars(cfg).items():
+        mark = "  (changed)" if defaults is not None and defaults.get(key) != value else ""
+        print0(f"  {key} = {value!r}{mark}")

@@ -1,0 +1,1 @@
+"""Stage entry points: python -m scripts.<stage> (or torchrun ... -m scripts.<stage>)."""

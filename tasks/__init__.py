@@ -1,0 +1,1 @@
+"""Chat datasets and evaluations (see tasks/common.py)."""

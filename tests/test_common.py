@@ -1,0 +1,66 @@
+"""Tests for nanochat.common and nanochat.flags: device init, base dir, flags, locked downloads."""
+
+import os
+
+import pytest
+import torch
+
+from nanochat.common import compute_init, get_base_dir, DummyWandb, get_wandb
+from nanochat.flags import parse_flags, FlagError
+
+
+def test_base_dir_comes_from_environment(base_dir):
+    assert get_base_dir() == str(base_dir)
+
+
+def test_compute_init_cpu_single_process():
+    compute = compute_init("cpu")
+    assert compute.device_type == "cpu" and compute.world_size == 1 and compute.master_process
+    assert not compute.ddp
+    compute.synchronize()  # no-op off CUDA
+    assert compute.max_memory_allocated() == 0
+    with compute.autocast():
+        assert torch.ones(2).dtype == torch.float32
+
+
+def test_compute_init_seeds_identically():
+    compute_init("cpu")
+    a = torch.rand(4)
+    compute_init("cpu")
+    assert torch.equal(a, torch.rand(4))
+
+
+def test_wandb_is_a_noop_unless_a_run_is_named():
+    assert isinstance(get_wandb("dummy", "nanochat", {}, master_process=True), DummyWandb)
+    assert isinstance(get_wandb("myrun", "nanochat", {}, master_process=False), DummyWandb)
+
+
+def test_flags_types_and_overrides():
+    defaults = dict(depth=20, lr=0.02, run="dummy", compile=False, max_chars=10_000_000_000)
+    cfg = parse_flags(defaults, ["--", "--depth=4", "--lr", "0.5", "--compile", "--max_chars=2e9"])
+    assert (cfg.depth, cfg.lr, cfg.run, cfg.compile, cfg.max_chars) == (4, 0.5, "dummy", True, 2_000_000_000)
+    assert type(cfg.max_chars) is int
+    assert parse_flags(defaults, ["--compile=false"]).compile is False
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--dpeth=4"], "unknown flag --dpeth"),
+    (["--depth=four"], "--depth expects type int"),
+    (["--depth=2.5"], "--depth expects type int"),
+    (["--compile=maybe"], "--compile expects type bool"),
+    (["depth=4"], "unexpected argument"),
+    (["--lr"], "needs a value"),
+])
+def test_flags_errors_name_the_flag(argv, fragment):
+    with pytest.raises(FlagError) as info:
+        parse_flags(dict(depth=20, lr=0.02, compile=False), argv)
+    assert fragment in str(info.value)
+    assert "--depth" in str(info.value) or "valid flags" not in str(info.value)
+
+
+def test_flags_help_lists_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_flags(dict(depth=20), ["--help"], doc="Train a thing.")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Train a thing." in out and "--depth" in out and "20" in out
