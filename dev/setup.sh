@@ -35,9 +35,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch>=2.5,<2.15"
   else
     say "no NVIDIA GPU: installing a CPU build of PyTorch"
-    # 1) a local wheel (this is how offline machines carry torch), 2) PyTorch's CPU index,
-    # 3) whatever the default index has.
-    "${PIP[@]}" --no-index "torch==2.13.0" 2>/dev/null \
+    # 1) a CPU wheel pip can already see (a local wheel folder, how offline machines carry torch),
+    # 2) PyTorch's CPU index, 3) whatever the default index has.
+    "${PIP[@]}" "torch==2.13.0+cpu" 2>/dev/null \
       || "${PIP[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
       || "${PIP[@]}" "torch>=2.5,<2.15"
   fi
