@@ -128,6 +128,29 @@ class Compute:
         return 0
 
 
+# Peak dense bf16 tensor-core FLOP/s (no sparsity) from the vendors' data sheets, matched by a
+# substring of the device name. Unknown devices get None: MFU shows as n/a, never a wrong number.
+_PEAK_BF16_FLOPS = [
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12),
+    ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def get_peak_flops(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s of one device, looked up by name (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    for key, flops in _PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def get_device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return device_type
+
+
 def compute_init(device_type: str = "", seed: int = 42) -> Compute:
     """Pick the device, join the process group if under torchrun, seed everything."""
     device_type = device_type or autodetect_device_type()
