@@ -1,0 +1,182 @@
+"""
+The pretraining data: FineWeb-Edu 100BT, shuffled and repackaged as 1,823 parquet shards
+(`shard_00000.parquet` ... `shard_01822.parquet`, ~100 MB each, a single `text` column, row groups
+of 1,024 documents). This file downloads them and iterates over their row groups.
+
+Design choices:
+- Downloads go through `nanochat.common.download_file`: 1 MB chunks into a temp file, up to 5
+  attempts with exponential backoff, atomic rename. Each file is also opened as parquet before the
+  rename, so an HTML error page or a truncated body is never kept as a shard.
+- The base URL can be overridden with $NANOCHAT_DATASET_URL (tests serve shards from a local
+  http.server; a mirror works the same way). $NANOCHAT_DOWNLOAD_BACKOFF sets the first retry wait.
+- Splits: train = every shard but the last one present, val = the last one.
+- Ranks share the work by striding over row groups: with `start=rank, step=world_size` rank r
+  reads row groups r, r+W, r+2W, ... counted across all shards of the split (not per shard), so
+  ranks get equal shares even when a shard has fewer row groups than there are ranks.
+
+Run:
+    python -m nanochat.dataset -n 8        # first 8 shards (~800 MB), 4 workers
+    python -m nanochat.dataset -n -1 -w 8  # all 1,823 shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from nanochat.common import download_file, get_base_dir
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822  # the last shard is shard_01822.parquet
+
+
+def shard_filename(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def get_data_dir() -> str:
+    """<base dir>/base_data, read from $NANOCHAT_BASE_DIR at call time."""
+    return os.path.join(get_base_dir(), "base_data")
+
+
+def __getattr__(name: str):
+    # `nanochat.dataset.DATA_DIR` is computed on access, so it follows $NANOCHAT_BASE_DIR and
+    # importing this module creates no directories.
+    if name == "DATA_DIR":
+        return get_data_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get_base_url() -> str:
+    return os.environ.get("NANOCHAT_DATASET_URL", BASE_URL).rstrip("/")
+
+
+# -----------------------------------------------------------------------------
+# Download
+
+
+def _validate_parquet(path: str) -> None:
+    """Raise unless `path` is a readable parquet file with a `text` column."""
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)  # reads the footer: fails on truncated files and error pages
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
+
+
+def download_shard(index: int, data_dir: str | None = None, base_url: str | None = None,
+                   attempts: int = 5, backoff: float | None = None) -> str:
+    """Download one shard unless it is already there. Returns its path; raises RuntimeError."""
+    data_dir = data_dir or get_data_dir()
+    path = os.path.join(data_dir, shard_filename(index))
+    if os.path.exists(path):
+        return path
+    if backoff is None:
+        backoff = float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", "1.0"))
+    url = f"{base_url or get_base_url()}/{shard_filename(index)}"
+    return download_file(url, path, attempts=attempts, chunk_size=1 << 20, backoff=backoff,
+                         validate=_validate_parquet)
+
+
+def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = None,
+                    base_url: str | None = None, attempts: int = 5,
+                    backoff: float | None = None) -> list[int]:
+    """Download shards 0..num_shards-1 (-1: all) with `workers` threads and a progress bar.
+    Returns the indices that failed (empty when everything is in place)."""
+    from tqdm import tqdm
+    num_shards = MAX_SHARD + 1 if num_shards == -1 else num_shards
+    if not 1 <= num_shards <= MAX_SHARD + 1:
+        raise ValueError(f"-n must be between 1 and {MAX_SHARD + 1}, or -1 for all (got {num_shards})")
+    data_dir = data_dir or get_data_dir()
+    os.makedirs(data_dir, exist_ok=True)
+    todo = [i for i in range(num_shards) if not os.path.exists(os.path.join(data_dir, shard_filename(i)))]
+    print(f"{num_shards - len(todo)} of {num_shards} shards already in {data_dir}; downloading {len(todo)}")
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), unit="shard") as bar:
+        futures = {pool.submit(download_shard, i, data_dir, base_url, attempts, backoff): i for i in todo}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except Exception as e:  # download_file already retried; report and go on
+                failed.append(futures[future])
+                tqdm.write(f"FAILED {shard_filename(futures[future])}: {e}")
+            bar.update(1)
+    return sorted(failed)
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def list_parquet_files(data_dir: str | None = None) -> list[str]:
+    """Full paths of the complete shards in data_dir, sorted (temp files are ignored)."""
+    data_dir = data_dir or get_data_dir()
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
+
+
+def split_files(split: str, data_dir: str | None = None) -> list[str]:
+    """The shards of a split: train = all but the last, val = the last."""
+    assert split in ("train", "val"), f"split must be 'train' or 'val' (got {split!r})"
+    files = list_parquet_files(data_dir)
+    where = data_dir or get_data_dir()
+    if not files:
+        raise FileNotFoundError(f"no parquet shards in {where}: download some first, e.g. "
+                                f"`python -m nanochat.dataset -n 8`")
+    if len(files) < 2:
+        raise FileNotFoundError(f"only 1 shard in {where}, but training needs 2 (the last one is the "
+                                f"val split): `python -m nanochat.dataset -n 2`")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def iter_row_groups(split: str, start: int = 0, step: int = 1, data_dir: str | None = None,
+                    resume_from: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, list[str]]]:
+    """Yield (shard index within the split, row group index, texts) for this rank's row groups.
+
+    Row groups are numbered globally across the split's shards; this rank takes those whose number
+    n has n % step == start. `resume_from=(shard, row_group)` skips every row group before it
+    (only footers are read to do so)."""
+    import pyarrow.parquet as pq
+    assert 0 <= start < step, f"need 0 <= start < step (got start={start}, step={step})"
+    n = 0  # global row-group number within the split
+    for pq_idx, path in enumerate(split_files(split, data_dir)):
+        pf = pq.ParquetFile(path)
+        for rg_idx in range(pf.num_row_groups):
+            if n % step == start and (pq_idx, rg_idx) >= tuple(resume_from):
+                yield pq_idx, rg_idx, pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+            n += 1
+
+
+def parquets_iter_batched(split: str, start: int = 0, step: int = 1,
+                          data_dir: str | None = None) -> Iterator[list[str]]:
+    """Yield the `text` column (list[str]) of each of this rank's row groups, one pass."""
+    for _, _, texts in iter_row_groups(split, start, step, data_dir):
+        yield texts
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards into <base>/base_data")
+    parser.add_argument("-n", "--num-files", type=int, default=-1,
+                        help=f"number of shards to download (-1: all {MAX_SHARD + 1})")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads (default 4)")
+    args = parser.parse_args(argv)
+    try:
+        failed = download_shards(args.num_files, workers=args.num_workers)
+    except ValueError as e:
+        parser.error(str(e))
+    if failed:
+        print(f"{len(failed)} shard(s) could not be downloaded: {[shard_filename(i) for i in failed]}; "
+              f"run the same command again to retry them", file=sys.stderr)
+        return 1
+    print(f"done: shards are in {get_data_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""
+Tests for nanochat/dataset.py against a real HTTP server on 127.0.0.1 that serves copies of the
+shared pretraining shards, and can misbehave on purpose: HTTP 500, a body cut short of its
+Content-Length, or garbage bytes that are not parquet.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO_ROOT
+from nanochat import dataset
+
+
+class ShardServer:
+    """Serves files of `root`. `plan[name]` is a list of behaviours, one consumed per request
+    ('ok', '500', 'truncate', 'garbage'); when the list is empty, requests are served normally."""
+
+    def __init__(self, root):
+        self.root = root
+        self.plan = {}
+        self.requests = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                with server.lock:
+                    server.requests.append(name)
+                    todo = server.plan.get(name)
+                    behaviour = todo.pop(0) if todo else "ok"
+                path = os.path.join(server.root, name)
+                if behaviour == "500" or not os.path.exists(path):
+                    self.send_error(500 if behaviour == "500" else 404)
+                    return
+                body = open(path, "rb").read()
+                if behaviour == "garbage":
+                    body = b"<html>not a parquet file</html>" * 100
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if behaviour == "truncate":
+                    self.wfile.write(body[: len(body) // 3])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path, shared_data, monkeypatch):
+    root = tmp_path / "served"
+    root.mkdir()
+    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
+        shutil.copy(src, root / src.name)
+    with ShardServer(str(root)) as s:
+        monkeypatch.setenv("NANOCHAT_DATASET_URL", s.url)
+        monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0.01")
+        yield s
+
+
+def _leftovers(data_dir):
+    """Anything in data_dir that is not a complete shard (temp files, partial downloads)."""
+    return [f for f in os.listdir(data_dir) if not f.endswith(".parquet")]
+
+
+def test_download_is_byte_identical(server, base_dir):
+    assert dataset.download_shards(3, workers=2) == []
+    data_dir = base_dir / "base_data"
+    for i in range(3):
+        name = dataset.shard_filename(i)
+        assert (data_dir / name).read_bytes() == open(os.path.join(server.root, name), "rb").read()
+    assert _leftovers(data_dir) == []
+    assert dataset.DATA_DIR == str(data_dir)  # follows $NANOCHAT_BASE_DIR
+
+
+def test_existing_files_are_skipped(server, base_dir):
+    data_dir = base_dir / "base_data"
+    data_dir.mkdir()
+    # A different (valid) file in place of shard 0: it must be neither requested nor replaced.
+    shutil.copy(os.path.join(server.root, "shard_00002.parquet"), data_dir / "shard_00000.parquet")
+    assert dataset.download_shards(2, workers=2) == []
+    assert "shard_00000.parquet" not in server.requests
+    assert server.requests == ["shard_00001.parquet"]
+    assert (data_dir / "shard_00000.parquet").read_bytes() == open(os.path.join(server.root, "shard_00002.parquet"), "rb").read()
+
+
+def test_flaky_server_retries_and_keeps_nothing_bad(server, base_dir):
+    server.plan = {"shard_00000.parquet": ["500", "500"],
+                   "shard_00001.parquet": ["truncate"],
+                   "shard_00002.parquet": ["garbage", "truncate"]}
+    assert dataset.download_shards(3, workers=3) == []
+    data_dir = base_dir / "base_data"
+    assert _leftovers(data_dir) == []
+    assert server.requests.count("shard_00000.parquet") == 3
+    assert server.requests.count("shard_00001.parquet") == 2
+    assert server.requests.count("shard_00002.parquet") == 3
+    for i in range(3):
+        name = dataset.shard_filename(i)
+        assert (data_dir / name).read_bytes() == open(os.path.join(server.root, name), "rb").read()
+
+
+@pytest.mark.parametrize("behaviour", ["500", "garbage", "truncate"])
+def test_permanent_failure_leaves_no_file(server, base_dir, behaviour):
+    server.plan = {"shard_00001.parquet": [behaviour] * 6}
+    assert dataset.download_shards(3, workers=2, attempts=5) == [1]
+    data_dir = base_dir / "base_data"
+    assert sorted(os.listdir(data_dir)) == ["shard_00000.parquet", "shard_00002.parquet"]
+    assert server.requests.count("shard_00001.parquet") == 5
+    with pytest.raises(RuntimeError, match="shard_00001.parquet"):
+        dataset.download_shard(1, attempts=1)  # nothing left over: it is fetched again and fails
+    assert not (data_dir / "shard_00001.parquet").exists()
+
+
+def test_cli_downloads_and_reports_failures(server, base_dir):
+    env = dict(os.environ)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "nanochat.dataset", *args], cwd=REPO_ROOT,
+                                       env=env, capture_output=True, text=True, timeout=60)
+    server.plan = {"shard_00001.parquet": ["500"] * 5}
+    bad = run("-n", "2", "-w", "2")
+    assert bad.returncode == 1
+    assert "shard_00001.parquet" in bad.stderr and "could not be downloaded" in bad.stderr
+    good = run("-n", "2")
+    assert good.returncode == 0, good.stderr
+    assert sorted(os.listdir(base_dir / "base_data")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert "1 of 2 shards already" in good.stdout
+    with pytest.raises(ValueError, match="-n must be between 1 and 1823"):
+        dataset.download_shards(5000)  # more shards than exist (the CLI turns it into a usage error)
+
+
+def _copy_local_shards(shared_data, base_dir):
+    data_dir = base_dir / "base_data"
+    data_dir.mkdir(exist_ok=True)
+    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
+        shutil.copy(src, data_dir / src.name)
+    return data_dir
+
+
+def test_splits_and_rank_striding(shared_data, base_dir):
+    data_dir = _copy_local_shards(shared_data, base_dir)
+    (data_dir / "shard_00003.parquet.tmp123").write_bytes(b"partial")  # ignored
+    files = dataset.list_parquet_files()
+    assert [os.path.basename(f) for f in files] == [f"shard_0000{i}.parquet" for i in range(3)]
+
+    # val = the last shard, whole; train = the others, in order
+    val = list(dataset.parquets_iter_batched("val"))
+    pf = pq.ParquetFile(files[-1])
+    assert val == [pf.read_row_group(i).column("text").to_pylist() for i in range(pf.num_row_groups)]
+    assert [len(t) for t in val] == [1024, 246]
+    train = list(dataset.iter_row_groups("train"))
+    assert [(s, r) for s, r, _ in train] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+    # every row group read by exactly one rank, and shares differ by at most one row group
+    for world in (1, 2, 4, 5, 7):
+        seen = [[(s, r) for s, r, _ in dataset.iter_row_groups("train", rank, world)] for rank in range(world)]
+        flat = [x for per_rank in seen for x in per_rank]
+        assert sorted(flat) == [(s, r) for s, r, _ in train]
+        assert max(map(len, seen)) - min(map(len, seen)) <= 1
+    # resuming skips exactly the row groups before the given position
+    assert [(s, r) for s, r, _ in dataset.iter_row_groups("train", 1, 2, resume_from=(1, 0))] == [(1, 0), (1, 2)]
+
+
+def test_missing_shards_error_names_the_command(shared_data, base_dir):
+    with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset"):
+        next(dataset.parquets_iter_batched("train"))
+    (base_dir / "base_data").mkdir()
+    shutil.copy(shared_data / "pretrain" / "shard_00000.parquet", base_dir / "base_data")
+    with pytest.raises(FileNotFoundError, match="-n 2"):
+        next(dataset.parquets_iter_batched("val"))
