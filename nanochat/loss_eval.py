@@ -1,0 +1,48 @@
+"""
+Bits per byte (bpb): the validation loss that does not depend on the tokenizer.
+
+Mean cross-entropy per token changes with the vocabulary (a bigger vocab has fewer, harder tokens),
+so models with different tokenizers cannot be compared on it. bpb spreads the loss over the raw
+UTF-8 bytes the tokens stand for:
+
+    bpb = sum of per-token loss in nats / (ln 2 · sum of the byte lengths of those target tokens)
+
+Targets of -1 (ignored positions) and special tokens (byte length 0 in `token_bytes.pt`) count
+neither in the numerator nor in the denominator. Under torchrun each rank evaluates its own batches
+and the two sums are all-reduced, so every rank returns the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model: torch.nn.Module, batches: Iterable, steps: int, token_bytes: torch.Tensor) -> float:
+    """bpb of `model` on the first `steps` batches of `batches` (each (inputs, targets, ...), both
+    (B, T)); stops early if the batches run out. `token_bytes` is the int tensor [vocab] of byte
+    lengths. The model is called as model(inputs, targets, loss_reduction='none')."""
+    device = next(model.parameters()).device
+    total_nats = torch.zeros((), dtype=torch.float32, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    token_bytes = token_bytes.to(device)
+    for batch in islice(batches, steps):
+        x, y = batch[0], batch[1]
+        loss = model(x, y, loss_reduction="none").reshape(-1).float()  # (B*T,) nats per position
+        y = y.reshape(-1)  # (B*T,)
+        num_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)  # (B*T,) 0 for ignored/special
+        total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
+        total_bytes += num_bytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        # every rank takes part, even one whose batches ran out, so the collectives always match
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        raise ValueError("evaluate_bpb saw no target token with a byte length > 0 "
+                         "(no batches: empty val split or steps=0?)")
+    return total_nats.item() / (math.log(2) * total_bytes.item())
