@@ -1,0 +1,180 @@
+"""
+Saving and loading checkpoints, and finding them again.
+
+A checkpoint of step S in a directory such as `<base>/base_checkpoints/d20/` is three kinds of file:
+- `model_{S:06d}.pt`: the (uncompiled) model's state dict, written by rank 0;
+- `optim_{S:06d}_rank{r}.pt`: optimiser state, one per rank: the distributed optimisers keep only
+  their own shard, so every rank must save (and later load) its own file;
+- `meta_{S:06d}.json`: what the checkpoint describes: model config, user flags, step, val bpb,
+  dataloader and loop state, world size.
+
+Design choices:
+- Every file is written to a temp name and renamed into place (`os.replace` is atomic), and the meta
+  file goes last, after every rank's files are complete (a barrier under torchrun). A checkpoint
+  counts as present only when its meta exists, so a process killed mid-save leaves the previous
+  checkpoint as the latest one, and the partial one is never loaded. Re-saving a step first removes
+  its meta, for the same reason.
+- Models are built on the meta device, materialised with `to_empty`, given their buffers by
+  `init_weights()`, then the saved weights are assigned. Names of a `torch.compile`d model carry
+  an `_orig_mod.` prefix: it is removed with `str.removeprefix`. (`lstrip("_orig_mod.")` strips any
+  leading characters from that set, not the prefix: it would turn `root.weight` into `t.weight`.)
+- Stage directories: base -> base_checkpoints, mid -> mid_checkpoints, sft -> chatsft_checkpoints,
+  rl -> chatrl_checkpoints; tags default to the largest `d<depth>` present, steps to the latest.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_base_dir
+
+logger = logging.getLogger("nanochat")
+
+SOURCES = {  # source -> (checkpoint directory, the command that produces it)
+    "base": ("base_checkpoints", "python -m scripts.base_train"),
+    "mid": ("mid_checkpoints", "python -m scripts.mid_train"),
+    "sft": ("chatsft_checkpoints", "python -m scripts.chat_sft"),
+    "rl": ("chatrl_checkpoints", "python -m scripts.chat_rl"),
+}
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call write(file) on a temp file next to `path`, flush it to disk, rename it into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, optimizer_data: dict | None,
+                    meta_data: dict, rank: int = 0) -> None:
+    """Save one checkpoint. Under torchrun every rank calls this (it contains barriers): each rank
+    writes its optimiser shard, rank 0 the model and, once all are complete, the meta file."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if rank == 0 and os.path.exists(meta_path):
+        os.remove(meta_path)  # re-saving this step: it is incomplete until the new meta lands
+    _barrier()
+    if optimizer_data is not None:
+        _atomic_write(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"),
+                      lambda f: torch.save(optimizer_data, f))
+    if rank == 0 and model_data is not None:
+        _atomic_write(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_data, f))
+    _barrier()  # every rank's files are complete
+    if rank == 0:
+        # temp files left by a process killed during an earlier save; nobody is writing now
+        for stale in glob.glob(os.path.join(checkpoint_dir, "*.tmp*")):
+            os.remove(stale)
+        meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "has_optimizer": optimizer_data is not None, **meta_data}
+        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
+    _barrier()
+
+
+def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, load_optimizer: bool = False,
+                    rank: int = 0) -> tuple[dict, dict | None, dict]:
+    """(model state dict, this rank's optimiser state or None, meta dict) of a complete checkpoint."""
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(meta_path):
+        steps = _complete_steps(checkpoint_dir)
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} "
+                                f"(complete steps there: {steps or 'none'})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model_data = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
+    optimizer_data = None
+    if load_optimizer:
+        optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+        if not os.path.exists(optim_path):
+            raise FileNotFoundError(f"{optim_path} is missing: the checkpoint was saved by "
+                                    f"{meta.get('world_size', '?')} rank(s) (with optimiser state: "
+                                    f"{meta.get('has_optimizer', '?')}); resume with the same number of ranks")
+        optimizer_data = torch.load(optim_path, map_location=device)
+    return model_data, optimizer_data, meta
+
+
+def _complete_steps(checkpoint_dir: str) -> list[int]:
+    paths = glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
+    return sorted(int(m.group(1)) for p in paths if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(p))))
+
+
+def find_last_step(checkpoint_dir: str) -> int:
+    """The largest step with a complete checkpoint (its meta file exists)."""
+    steps = _complete_steps(checkpoint_dir)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
+    return steps[-1]
+
+
+def find_largest_model(checkpoints_dir: str) -> str:
+    """The model tag with the largest depth (`d20` > `d12`); without dN tags, the newest one."""
+    if not os.path.isdir(checkpoints_dir):
+        raise FileNotFoundError(f"no checkpoints directory {checkpoints_dir}")
+    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))]
+    if not tags:
+        raise FileNotFoundError(f"no model tags in {checkpoints_dir}")
+    depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phase: str):
+    """(model, tokenizer, meta) from a checkpoint. phase 'train' or 'eval' sets the model's mode."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval' (got {phase!r})"
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    if device.type in ("cpu", "mps"):  # bf16 weights saved on CUDA: compute in fp32 here
+        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables) are not in the state dict
+    model.load_state_dict(model_data, strict=True, assign=True)
+    model.train(phase == "train")
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {checkpoint_dir} "
+                         f"was trained with {config.vocab_size}: it belongs to another tokenizer")
+    return model, tokenizer, meta
+
+
+def load_model(source: str, device: torch.device | str, phase: str, model_tag: str | None = None,
+               step: int | None = None):
+    """(model, tokenizer, meta) of stage `source` (base|mid|sft|rl): the largest model tag and its
+    latest step unless given."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)} (got {source!r})")
+    dirname, producer = SOURCES[source]
+    checkpoints_dir = os.path.join(get_base_dir(), dirname)
+    try:
+        model_tag = model_tag or find_largest_model(checkpoints_dir)
+        checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+        step = find_last_step(checkpoint_dir) if step is None else step
+        return build_model(checkpoint_dir, step, device, phase)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no usable {source} checkpoint ({e}); `{producer}` writes them") from e

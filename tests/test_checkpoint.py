@@ -1,0 +1,129 @@
+"""
+Tests for nanochat/checkpoint_manager.py: round trips, finding tags and steps, and crash safety:
+a real child process is SIGKILLed in the middle of a save (by the parent while a large tensor is
+being written, or by itself at a chosen point), and the previous checkpoint must stay the latest
+one and load intact, while the partial one is ignored and cleaned up by the next save.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from nanochat import checkpoint_manager as cm
+
+CHILD = textwrap.dedent("""
+    import json, os, signal, sys, torch
+    import nanochat.checkpoint_manager as cm
+    d, mode = sys.argv[1], sys.argv[2]
+    cm.save_checkpoint(d, 1, {"w": torch.arange(4.0)}, {"m": torch.ones(4)}, {"tag": "first"})
+    print("saved 1", flush=True)
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save = torch.save
+    def save_half_then_die(obj, f):  # a write cut short: some bytes reach the temp file
+        f.write(b"PK\\x03\\x04 partial checkpoint bytes"); f.flush(); die()
+    step = 1 if mode == "resave_model" else 2
+    if mode in ("model", "resave_model"):
+        torch.save = lambda obj, f: save_half_then_die(obj, f) if "w" in obj else real_save(obj, f)
+    elif mode == "optim":
+        torch.save = save_half_then_die
+    elif mode == "meta":
+        json.dumps = die  # everything but the meta file is written
+    big = {"w": torch.randn(25_000_000)} if mode == "parent_kills" else {"w": torch.arange(4.0) + 1}
+    cm.save_checkpoint(d, step, big, {"m": torch.zeros(4)}, {"tag": "second"})
+    print("saved 2", flush=True)
+""")
+
+
+def run_child(ckpt_dir, mode):
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(ckpt_dir), mode], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_first_checkpoint_intact(ckpt_dir):
+    assert cm.find_last_step(str(ckpt_dir)) == 1
+    model, optim, meta = cm.load_checkpoint(str(ckpt_dir), 1, "cpu", load_optimizer=True)
+    assert torch.equal(model["w"], torch.arange(4.0)) and torch.equal(optim["m"], torch.ones(4))
+    assert meta["tag"] == "first" and meta["step"] == 1
+
+
+@pytest.mark.parametrize("mode", ["model", "optim", "meta"])
+def test_killed_during_save_keeps_previous_checkpoint(tmp_path, mode):
+    ckpt_dir = tmp_path / "d2"
+    child = run_child(ckpt_dir, mode)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, err
+    assert out.strip() == "saved 1"
+    assert_first_checkpoint_intact(ckpt_dir)
+    assert not (ckpt_dir / "meta_000002.json").exists()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint of step 2"):
+        cm.load_checkpoint(str(ckpt_dir), 2, "cpu")
+    if mode != "meta":
+        assert any(".tmp" in name for name in os.listdir(ckpt_dir))  # the partial file is there...
+    # ...and the next save cleans it up and completes normally
+    cm.save_checkpoint(str(ckpt_dir), 2, {"w": torch.arange(4.0) + 1}, {"m": torch.zeros(4)}, {"tag": "second"})
+    assert cm.find_last_step(str(ckpt_dir)) == 2
+    assert not any(".tmp" in name for name in os.listdir(ckpt_dir))
+    assert torch.equal(cm.load_checkpoint(str(ckpt_dir), 2, "cpu")[0]["w"], torch.arange(4.0) + 1)
+
+
+def test_parent_kills_child_while_it_writes_a_large_checkpoint(tmp_path):
+    ckpt_dir = tmp_path / "d2"
+    child = run_child(ckpt_dir, "parent_kills")
+    assert child.stdout.readline().strip() == "saved 1"
+    deadline = time.time() + 60
+    while not any(n.startswith("model_000002.pt.tmp") for n in os.listdir(ckpt_dir)):  # writing now
+        assert time.time() < deadline and child.poll() is None, "the child never started writing step 2"
+        time.sleep(0.002)
+    child.kill()
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert_first_checkpoint_intact(ckpt_dir)
+    assert not (ckpt_dir / "meta_000002.json").exists()
+
+
+def test_resaving_a_step_that_dies_does_not_load_mismatched_files(tmp_path):
+    ckpt_dir = tmp_path / "d2"
+    child = run_child(ckpt_dir, "resave_model")  # optimiser of the re-save written, model cut short
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    # step 1 now has an old model and a new optimiser file: it must not count as a checkpoint
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        cm.find_last_step(str(ckpt_dir))
+
+
+def test_round_trip_and_discovery(tmp_path, base_dir):
+    root = base_dir / "base_checkpoints"
+    for tag, steps in [("d4", [5, 20]), ("d12", [3]), ("d2", [7])]:
+        for step in steps:
+            meta = {"model_config": {"n_layer": int(tag[1:])}, "loop_state": {"min_val_bpb": 1.5}}
+            cm.save_checkpoint(str(root / tag), step, {"w": torch.full((2,), float(step))}, None, meta)
+    assert cm.find_largest_model(str(root)) == "d12"  # by depth, not alphabetically
+    assert cm.find_last_step(str(root / "d4")) == 20
+    model, optim, meta = cm.load_checkpoint(str(root / "d4"), 5, "cpu")
+    assert torch.equal(model["w"], torch.full((2,), 5.0)) and optim is None
+    assert meta == json.loads((root / "d4" / "meta_000005.json").read_text())
+    assert meta["loop_state"] == {"min_val_bpb": 1.5} and meta["world_size"] == 1
+    assert sorted(os.listdir(root / "d2")) == ["meta_000007.json", "model_000007.pt"]
+    with pytest.raises(FileNotFoundError, match="saved by 1 rank"):
+        cm.load_checkpoint(str(root / "d4"), 5, "cpu", load_optimizer=True)
+
+
+def test_missing_checkpoints_name_the_stage_that_makes_them(base_dir):
+    for source, script in [("base", "scripts.base_train"), ("mid", "scripts.mid_train"),
+                           ("sft", "scripts.chat_sft"), ("rl", "scripts.chat_rl")]:
+        with pytest.raises(FileNotFoundError, match=script):
+            cm.load_model(source, "cpu", "eval")
+    (base_dir / "mid_checkpoints" / "d2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint.*scripts.mid_train"):
+        cm.load_model("mid", "cpu", "eval")
+    with pytest.raises(ValueError, match="source must be one of"):
+        cm.load_model("pre", "cpu", "eval")
