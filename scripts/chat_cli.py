@@ -1,0 +1,130 @@
+"""
+Chat with a trained model in the terminal; replies stream in as they are generated.
+
+Run:
+    python -m scripts.chat_cli                               # the SFT model, interactive
+    python -m scripts.chat_cli -i rl -t 0.6 -k 50            # another stage, other sampling settings
+    python -m scripts.chat_cli -p "Why is the sky blue?"     # answer one prompt, print it, exit 0
+    python -m scripts.chat_cli --device_type cpu --model_tag d20 --step 700
+
+In the chat: `clear` starts a new conversation; `quit`, `exit` or Ctrl-D leaves. Ctrl-C while the
+model writes stops that reply (what it wrote so far stays in the conversation); at the prompt it leaves.
+
+Design choices:
+- The prompt is the whole conversation rendered by the tokenizer (`render_for_completion`) each turn;
+  the Engine's KV cache makes that one prefill per turn.
+- Text is printed through an incremental UTF-8 decoder fed with each token's raw bytes, so a
+  character split over several tokens (emoji, CJK with a small vocabulary) prints once, whole.
+- Each reply uses a fresh random seed, so asking again gives a different sample (at temperature > 0).
+"""
+
+import argparse
+import codecs
+import secrets
+import sys
+
+# -----------------------------------------------------------------------------
+# Flags
+
+parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal.")
+parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage")
+parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+parser.add_argument("-m", "--max_tokens", type=int, default=512, help="longest reply, in tokens")
+parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+parser.add_argument("--device_type", default="", choices=["", "cuda", "mps", "cpu"], help="default: autodetect")
+args = parser.parse_args()
+if args.temperature < 0:
+    parser.error(f"--temperature must be >= 0, got {args.temperature}")
+if args.top_k < 0:
+    parser.error(f"--top_k must be >= 0, got {args.top_k}")
+if args.max_tokens < 1:
+    parser.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
+
+# -----------------------------------------------------------------------------
+# Compute, model, engine
+
+import torch  # noqa: E402  (after argument parsing: --help and flag errors stay instant)
+
+from nanochat.checkpoint_manager import load_model  # noqa: E402
+from nanochat.common import compute_init  # noqa: E402
+from nanochat.engine import Engine  # noqa: E402
+
+compute = compute_init(args.device_type)
+try:
+    model, tokenizer, meta = load_model(args.source, compute.device, phase="eval", model_tag=args.model_tag,
+                                        step=args.step)
+except FileNotFoundError as e:
+    print(f"chat_cli: {e}", file=sys.stderr)
+    sys.exit(1)
+engine = Engine(model, tokenizer)
+context_len = meta["model_config"]["sequence_len"]
+stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+token_bytes = tokenizer.enc.decode_single_token_bytes
+
+
+def reply_to(messages: list[dict]) -> str:
+    """Stream the assistant's reply to `messages` (ending with a user message) to stdout; return it.
+    Ctrl-C stops it early and returns what was written."""
+    tokens = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    if len(tokens) >= context_len:
+        raise ValueError(f"the conversation is {len(tokens)} tokens, more than the model reads ({context_len})")
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = []
+    try:
+        with torch.inference_mode(), compute.autocast():
+            for token_column, _ in engine.generate(tokens, num_samples=1, temperature=args.temperature,
+                                                   top_k=args.top_k or None, seed=secrets.randbelow(2**31),
+                                                   max_tokens=min(args.max_tokens, context_len - len(tokens))):
+                if token_column[0] in stop_ids:
+                    break
+                pieces.append(utf8.decode(token_bytes(token_column[0])))
+                print(pieces[-1], end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    pieces.append(utf8.decode(b"", final=True))
+    print(pieces[-1], flush=True)
+    return "".join(pieces)
+
+
+# -----------------------------------------------------------------------------
+# One prompt (-p), or the interactive loop
+
+if args.prompt is not None:
+    if not args.prompt.strip():
+        print("chat_cli: -p needs a non-empty prompt", file=sys.stderr)
+        sys.exit(2)
+    try:
+        reply_to([{"role": "user", "content": args.prompt}])
+    except ValueError as e:
+        print(f"chat_cli: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+print(f"nanochat {args.source} model (step {meta['step']}) on {compute.device}. "
+      f"Type 'clear' for a new conversation, 'quit' or Ctrl-D to leave.")
+messages = []
+while True:
+    try:
+        text = input("\nUser: ").strip()
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D / end of piped input, or Ctrl-C at the prompt
+        print()
+        break
+    if text in ("quit", "exit"):
+        break
+    if text == "clear":
+        messages = []
+        print("(new conversation)")
+        continue
+    if not text:
+        continue
+    messages.append({"role": "user", "content": text})
+    print("\nAssistant: ", end="", flush=True)
+    try:
+        messages.append({"role": "assistant", "content": reply_to(messages)})
+    except ValueError as e:
+        messages.pop()
+        print(f"\n(chat_cli: {e}; type 'clear' to start a new conversation)")
+print("Bye.")

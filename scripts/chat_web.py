@@ -1,0 +1,577 @@
+"""
+Chat with a trained model in the browser, or through an OpenAI-compatible API.
+
+Run:
+    python -m scripts.chat_web                          # the SFT model on one GPU (or the CPU), port 8000
+    python -m scripts.chat_web -n 8                     # 8 GPUs: one model replica per GPU
+    python -m scripts.chat_web -i rl -t 0.6 -k 40 -p 8080
+    python -m scripts.chat_web --device_type cpu --host 127.0.0.1 -p 0   # 0: any free port (printed)
+and open http://localhost:8000. Endpoints:
+    GET  /                     the chat UI (nanochat/ui.html)
+    POST /chat/completions     {messages, temperature?, top_k?, max_tokens?, seed?} -> Server-Sent Events
+                               data: {"token": "..."} ... data: {"done": true}
+    POST /v1/chat/completions  the OpenAI Chat Completions API, streaming or not, so OpenAI clients work:
+                               OpenAI(base_url="http://localhost:8000/v1", api_key="none")
+    GET  /v1/models            the model being served
+    GET  /health, GET /stats   liveness; workers, requests, tokens
+
+Design choices:
+- A worker pool: one model replica + Engine per GPU (one worker on CPU/MPS). A request waits for a
+  free worker (an asyncio.Queue) and the worker goes back into the queue when its generation thread
+  ends -- after success, error or client disconnect alike -- so a worker can never leak.
+- Generation runs in a thread per request, off the event loop, so streams interleave and the server
+  answers /health while generating. The thread checks a stop flag at every token: a client that goes
+  away frees its worker at the next token.
+- Only complete UTF-8 is sent: a token can be part of a multi-byte character (an emoji is 4 bytes,
+  often several tokens), so token bytes go through an incremental UTF-8 decoder (StreamDecoder).
+- Bodies are validated by hand, not by pydantic, so every bad request -- invalid JSON, wrong types,
+  unknown roles, empty or oversized messages, out-of-range parameters -- is a 400 whose JSON says
+  what is wrong and how to fix it; never a 422 or a 500.
+- Each request gets a fresh random seed unless it asks for one (`seed`), so "regenerate" differs.
+"""
+
+import argparse
+import asyncio
+import codecs
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+
+# -----------------------------------------------------------------------------
+# Limits (SPEC "Chat interfaces"): each violation is a 400 with a message
+
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (0, 200)  # 0 = no top-k: sample from the whole vocabulary
+MAX_TOKENS_RANGE = (1, 4096)
+MAX_BODY_BYTES = 1_000_000  # 32,000 chars, each up to 12 bytes as JSON escapes (surrogate pairs), fit easily
+
+logger = logging.getLogger("nanochat.chat_web")
+
+
+class RequestError(ValueError):
+    """A bad request: answered with this status and message."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+# -----------------------------------------------------------------------------
+# Streaming decoder: token ids in, complete UTF-8 text out
+
+
+class StreamDecoder:
+    """Token ids in, text out, never half a character. A token can be part of a multi-byte character
+    (an emoji is 4 bytes, often split over several tokens of a small vocabulary): each token's raw
+    bytes go through Python's incremental UTF-8 decoder, which holds back an incomplete sequence until
+    the rest arrives. Concatenated, the pieces equal tokenizer.decode(all ids) (tested)."""
+
+    def __init__(self, tokenizer):
+        self.token_bytes = tokenizer.enc.decode_single_token_bytes  # raw bytes, specials included
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.utf8.decode(self.token_bytes(token))
+
+    def flush(self) -> str:
+        """At the end of a reply: bytes still held back (a truly broken sequence shows as U+FFFD)."""
+        return self.utf8.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# Request validation
+
+
+@dataclass
+class ChatRequest:
+    messages: list  # [{"role": "user"|"assistant", "content": str}, ...], alternating, ending with user
+    temperature: float
+    top_k: int
+    max_tokens: int
+    seed: int
+    stream: bool = True
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+
+
+def parse_json_body(raw: bytes) -> dict:
+    def reject_constant(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=reject_constant)
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity, integers with >4300 digits
+        raise RequestError(f"the body is not valid JSON ({e}); send e.g. "
+                           '{"messages": [{"role": "user", "content": "Hello"}]}') from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the JSON body must be an object with a 'messages' list, got {type(body).__name__}")
+    return body
+
+
+def _number(body: dict, key: str, bounds: tuple, default, integer: bool):
+    value = body.get(key)
+    if value is None:
+        return default
+    lo, hi = bounds
+    what = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise RequestError(f"'{key}' must be {what} in [{lo}, {hi}], got {json.dumps(value)[:50]}", param=key)
+    if not lo <= value <= hi:
+        raise RequestError(f"'{key}' must be in [{lo}, {hi}], got {value}", param=key)
+    return value
+
+
+def _content_text(content, i: int, openai: bool) -> str:
+    """A message's content as a string. OpenAI clients may send a list of parts; only text parts."""
+    if openai and isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RequestError(f"messages[{i}].content: only text parts {{'type': 'text', 'text': ...}} "
+                                   f"are supported", param="messages")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}", param="messages")
+    return content
+
+
+def parse_chat_request(body: dict, defaults: dict, openai: bool = False) -> ChatRequest:
+    """Check a chat request against every limit; ChatRequest or RequestError naming what is wrong.
+    openai=True is the /v1 dialect: a leading system message, text parts, `stream`, unknown keys ignored."""
+    known = {"messages", "temperature", "top_k", "max_tokens", "seed"}
+    if not openai and (unknown := sorted(set(body) - known)):
+        raise RequestError(f"unknown field(s) {unknown}; accepted: {sorted(known)}")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {'role': 'user'|'assistant', 'content': str}",
+                           param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"too many messages: {len(messages)} > {MAX_MESSAGES}; start a new conversation",
+                           param="messages")
+    clean, total = [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+        role = message.get("role")
+        allowed = ("user", "assistant", "system") if openai and i == 0 else ("user", "assistant")
+        if role not in allowed:
+            raise RequestError(f"messages[{i}].role must be one of {list(allowed)}, got {json.dumps(role)[:50]}",
+                               param="messages")
+        content = _content_text(message.get("content"), i, openai)
+        if not content.strip():
+            raise RequestError(f"messages[{i}] is empty", param="messages")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise RequestError(f"messages[{i}] is too long: {len(content):,} > {MAX_MESSAGE_CHARS:,} characters",
+                               param="messages")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"messages[{i}] is not valid Unicode (a lone surrogate escape)",
+                               param="messages") from None
+        total += len(content)
+        clean.append({"role": role, "content": content})
+    if total > MAX_TOTAL_CHARS:
+        raise RequestError(f"the conversation is too long: {total:,} > {MAX_TOTAL_CHARS:,} characters in all; "
+                           f"start a new conversation", param="messages")
+    if clean[0]["role"] == "system":
+        if len(clean) < 2:
+            raise RequestError("a system message must be followed by a user message", param="messages")
+        clean = [{"role": "user", "content": clean[0]["content"] + "\n\n" + clean[1]["content"]}] + clean[2:]
+    for i, message in enumerate(clean):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RequestError(f"roles must alternate user, assistant, user, ... starting with user; message {i} "
+                               f"is {message['role']!r}", param="messages")
+    if clean[-1]["role"] != "user":
+        raise RequestError("the last message must be from the user (the model writes the next assistant reply)",
+                           param="messages")
+    temperature = _number(body, "temperature", TEMPERATURE_RANGE, defaults["temperature"], integer=False)
+    top_k = _number(body, "top_k", TOP_K_RANGE, defaults["top_k"], integer=True)
+    max_tokens = _number(body, "max_tokens", MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True)
+    seed = _number(body, "seed", (0, 2**63 - 1), None, integer=True)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    stream, include_usage = True, False
+    if openai:
+        max_tokens = _number(body, "max_completion_tokens", MAX_TOKENS_RANGE, max_tokens, integer=True)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError("'stream_options' must be an object", param="stream_options")
+        include_usage = options.get("include_usage") is True
+        if _number(body, "n", (1, 1), 1, integer=True) != 1:
+            raise RequestError("only n=1 is supported", param="n")
+        if not isinstance(body.get("model", ""), str):
+            raise RequestError("'model' must be a string", param="model")
+    return ChatRequest(clean, float(temperature), int(top_k), int(max_tokens), int(seed), stream, include_usage)
+
+
+# -----------------------------------------------------------------------------
+# Workers: one model replica + Engine per device
+
+
+@dataclass
+class Worker:
+    index: int
+    device: object  # torch.device
+    engine: object  # nanochat.engine.Engine
+    autocast: object  # () -> context manager (bf16 on CUDA); thread-local, so entered in the thread
+
+
+class WorkerPool:
+    """Requests borrow a worker with `await acquire()`; the generation thread gives it back."""
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+        self.queue: asyncio.Queue = asyncio.Queue()
+        for worker in workers:
+            self.queue.put_nowait(worker)
+        self.waiting = 0
+
+    async def acquire(self) -> Worker:
+        self.waiting += 1
+        try:
+            return await self.queue.get()
+        finally:
+            self.waiting -= 1
+
+    def release(self, worker: Worker) -> None:  # on the event loop's thread
+        self.queue.put_nowait(worker)
+
+    @property
+    def available(self) -> int:
+        return self.queue.qsize()
+
+
+@dataclass
+class Stats:
+    started: float
+    requests_served: int = 0  # replies that ran to the end (stop token or max_tokens)
+    requests_cancelled: int = 0  # the client went away mid-reply
+    requests_failed: int = 0  # generation raised
+    requests_rejected: int = 0  # 4xx answers
+    in_flight: int = 0
+    tokens_generated: int = 0
+
+
+def load_workers(args) -> tuple[list[Worker], object, dict]:
+    """One replica per GPU (or one on CPU/MPS); returns (workers, tokenizer, meta)."""
+    import torch
+    from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
+    from nanochat.common import compute_init, get_base_dir
+    from nanochat.engine import Engine
+    compute = compute_init(args.device_type)
+    if compute.device_type == "cuda":
+        if args.num_gpus > torch.cuda.device_count():
+            raise SystemExit(f"-n/--num_gpus {args.num_gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+        devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
+    else:
+        if args.num_gpus != 1:
+            raise SystemExit(f"-n/--num_gpus {args.num_gpus} needs CUDA; on {compute.device_type} there is one worker")
+        devices = [compute.device]
+    if args.model_tag is None:  # resolve it once, so every replica loads the same model and /v1/models names it
+        try:
+            args.model_tag = find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no {args.source} checkpoint ({e}); `{SOURCES[args.source][1]}` writes them") from e
+    workers, tokenizer, meta = [], None, None
+    for i, device in enumerate(devices):
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        workers.append(Worker(i, device, Engine(model, tokenizer), compute.autocast))
+        logger.info(f"worker {i}: {args.source} model (step {meta['step']}) on {device}")
+    return workers, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# The app
+
+
+def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":  # noqa: F821
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="nanochat")
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    model_name = f"nanochat-{args.source}-{args.model_tag}-step{meta['step']}"
+    context_len = meta["model_config"]["sequence_len"]
+    stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    ui_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+    pool = WorkerPool(workers)  # its queue binds to the server's event loop on first use
+    stats = Stats(started=time.time())
+
+    # ------------------------------------------------------------------ errors -> JSON, never 422
+    def error_response(request, status: int, message: str, param=None):
+        stats.requests_rejected += status < 500
+        if request.url.path.startswith("/v1/"):  # OpenAI's shape, so its client shows the message
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            content = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+        else:
+            content = {"error": message}
+        return JSONResponse(content, status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request, exc: RequestError):
+        return error_response(request, exc.status, str(exc), exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, exc):
+        return error_response(request, 400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc):  # 404, 405, ...
+        return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_server_error(request, exc):  # a bug, not a bad request: still JSON, and logged
+        logger.exception(f"{request.method} {request.url.path} failed")
+        return error_response(request, 500, f"internal error: {type(exc).__name__}")
+
+    async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+        chat = parse_chat_request(parse_json_body(raw), defaults, openai=openai)
+        tokens = tokenizer.render_for_completion({"messages": chat.messages + [{"role": "assistant", "content": ""}]})
+        if len(tokens) >= context_len:
+            raise RequestError(f"the conversation is {len(tokens):,} tokens; this model reads at most {context_len:,}: "
+                               f"start a new conversation", param="messages")
+        chat.max_tokens = min(chat.max_tokens, context_len - len(tokens))
+        return chat, tokens
+
+    # ------------------------------------------------------------------ generation
+    async def generate(chat: ChatRequest, tokens: list[int]):
+        """Async iterator of ("text", str) events, then ("end", finish_reason, n_tokens) or ("error", msg).
+        The worker is returned by the generation thread when it ends, however the request ends."""
+        request_id = secrets.token_hex(4)
+        logger.info(f"[{request_id}] {len(chat.messages)} message(s), {len(tokens)} prompt tokens, "
+                    f"T={chat.temperature} k={chat.top_k} max={chat.max_tokens} seed={chat.seed}; "
+                    f"user: {chat.messages[-1]['content'][:500]!r}")
+        worker = await pool.acquire()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        stats.in_flight += 1
+
+        def put(*event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+        def run():  # in its own thread
+            import torch
+            decoder, reply, n, finish, t0 = StreamDecoder(tokenizer), [], 0, "length", time.time()
+            try:
+                with torch.inference_mode(), worker.autocast():
+                    for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
+                                                                  temperature=chat.temperature,
+                                                                  top_k=chat.top_k or None, seed=chat.seed):
+                        if stop.is_set():
+                            finish = "cancelled"
+                            break
+                        token = token_column[0]
+                        if token in stop_ids:
+                            finish = "stop"
+                            break
+                        n += 1
+                        if text := decoder.push(token):
+                            reply.append(text)
+                            put("text", text)
+                if text := decoder.flush():
+                    reply.append(text)
+                    put("text", text)
+                put("end", finish, n)
+                dt = time.time() - t0
+                logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {dt:.2f}s "
+                            f"({n / max(dt, 1e-9):.1f} tok/s); assistant: {''.join(reply)[:500]!r}")
+            except Exception as e:
+                finish = "error"
+                logger.exception(f"[{request_id}] generation failed")
+                put("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                def done():
+                    stats.in_flight -= 1
+                    stats.tokens_generated += n
+                    stats.requests_served += finish in ("stop", "length")
+                    stats.requests_cancelled += finish == "cancelled"
+                    stats.requests_failed += finish == "error"
+                    pool.release(worker)
+                try:
+                    loop.call_soon_threadsafe(done)
+                except RuntimeError:
+                    pass
+
+        threading.Thread(target=run, name=f"generate-{request_id}", daemon=True).start()
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event[0] != "text":
+                    return
+        finally:
+            stop.set()  # no await here: this also runs when the client's disconnect cancels us
+
+    def sse(payload: dict) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+    # ------------------------------------------------------------------ endpoints
+    @app.get("/")
+    async def root():
+        with open(ui_path, encoding="utf-8") as f:
+            return HTMLResponse(f.read())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "defaults": defaults,
+                "workers_total": len(workers), "workers_available": pool.available}
+
+    @app.get("/stats")
+    async def get_stats():
+        return {"model": model_name, "workers_total": len(workers), "workers_available": pool.available,
+                "requests_waiting": pool.waiting, "requests_in_flight": stats.in_flight,
+                "requests_served": stats.requests_served, "requests_cancelled": stats.requests_cancelled,
+                "requests_failed": stats.requests_failed, "requests_rejected": stats.requests_rejected,
+                "tokens_generated": stats.tokens_generated, "uptime_s": round(time.time() - stats.started, 1),
+                "workers": [{"index": w.index, "device": str(w.device)} for w in workers]}
+
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        chat, tokens = await read_request(request, openai=False)
+
+        async def stream():
+            async with aclosing(generate(chat, tokens)) as events:
+                async for event in events:
+                    if event[0] == "text":
+                        yield sse({"token": event[1]})
+                    elif event[0] == "error":
+                        yield sse({"error": event[1]})
+            yield sse({"done": True})
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=sse_headers)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(stats.started),
+                                            "owned_by": "nanochat"}]}
+
+    @app.post("/v1/chat/completions")
+    async def openai_chat_completions(request: Request):
+        chat, tokens = await read_request(request, openai=True)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name}
+
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
+
+        if not chat.stream:
+            texts = []
+            async with aclosing(generate(chat, tokens)) as events:
+                async for event in events:
+                    if event[0] == "text":
+                        texts.append(event[1])
+                    elif event[0] == "error":
+                        return error_response(request, 500, event[1])
+                    else:
+                        finish, n = event[1], event[2]
+            message = {"role": "assistant", "content": "".join(texts)}
+            return {**head, "object": "chat.completion", "usage": usage(n),
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
+
+        def chunk(delta: dict, finish=None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+        async def stream():
+            yield chunk({"role": "assistant", "content": ""})
+            async with aclosing(generate(chat, tokens)) as events:
+                async for event in events:
+                    if event[0] == "text":
+                        yield chunk({"content": event[1]})
+                    elif event[0] == "error":
+                        error = {"message": event[1], "type": "server_error", "param": None, "code": None}
+                        yield sse({"error": error})
+                        return
+                    else:
+                        yield chunk({}, finish=event[1])
+                        if chat.include_usage:
+                            yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                                       "usage": usage(event[2])})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=sse_headers)
+
+    return app
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Serve a nanochat model: web UI + streaming API.")
+    parser.add_argument("-n", "--num_gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage")
+    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
+    parser.add_argument("-k", "--top_k", type=int, default=50, help="default top-k (0: whole vocabulary)")
+    parser.add_argument("-m", "--max_tokens", type=int, default=512, help="default reply length cap in tokens")
+    parser.add_argument("-p", "--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: this machine only)")
+    parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--device_type", default="", choices=["", "cuda", "mps", "cpu"], help="default: autodetect")
+    args = parser.parse_args(argv)
+    for name, value, (lo, hi) in [("temperature", args.temperature, TEMPERATURE_RANGE),
+                                  ("top_k", args.top_k, TOP_K_RANGE), ("max_tokens", args.max_tokens, MAX_TOKENS_RANGE)]:
+        if not lo <= value <= hi:
+            parser.error(f"--{name} must be in [{lo}, {hi}], got {value}")
+    if args.num_gpus < 1:
+        parser.error(f"--num_gpus must be at least 1, got {args.num_gpus}")
+    return args
+
+
+def main(argv=None):
+    import uvicorn
+    args = parse_args(argv)
+    try:
+        workers, tokenizer, meta = load_workers(args)
+    except FileNotFoundError as e:
+        raise SystemExit(f"chat_web: {e}") from None
+    app = create_app(workers, tokenizer, meta, args)
+    # Bind the socket ourselves so that -p 0 works and the real address is printed.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise SystemExit(f"chat_web: cannot listen on {args.host}:{args.port} ({e}); pick another port with -p") from None
+    port = sock.getsockname()[1]
+    shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"nanochat: serving {args.source} model on http://{shown}:{port}", flush=True)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
