@@ -33,3 +33,38 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").exists():
         pytest.fail(f"shared data not found at {SHARED_DATA}; set NANOCHAT_SHARED_DATA to its path")
     return SHARED_DATA
+
+
+# -----------------------------------------------------------------------------
+# A tiny tokenizer shared by the whole session (owned by the tokenizer's engineer)
+
+TINY_TOKENIZER_VOCAB_SIZE = 512  # 256 bytes + 247 merges + 9 specials
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, shared_data) -> Path:
+    """A directory with tokenizer.pkl + token_bytes.pt: a 512-token RustBPETokenizer trained with
+    rustbpe on the first 200 KB of Tiny Shakespeare (one document per blank-line paragraph).
+    Treat it as read-only; copy it to write into it."""
+    from nanochat.tokenizer import RustBPETokenizer
+    text = (shared_data / "pretrain" / "raw" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")[:200_000]
+    tokenizer = RustBPETokenizer.train_from_iterator(text.split("\n\n"), TINY_TOKENIZER_VOCAB_SIZE)
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    tokenizer.save(str(path))
+    assert sorted(p.name for p in path.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer, loaded (a RustBPETokenizer with vocab size 512)."""
+    from nanochat.tokenizer import RustBPETokenizer
+    return RustBPETokenizer.from_directory(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture
+def base_dir_with_tokenizer(base_dir, tiny_tokenizer_dir) -> Path:
+    """This test's base dir with the tiny tokenizer copied into <base_dir>/tokenizer/."""
+    import shutil
+    shutil.copytree(tiny_tokenizer_dir, base_dir / "tokenizer")
+    return base_dir
