@@ -67,6 +67,7 @@ def _atomic_write(path: str, write_fn) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the tokenizer is an ordinary shared file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
