@@ -30,6 +30,7 @@ import torch
 
 from nanochat.common import get_dist_info
 from nanochat.dataset import iter_row_groups
+from nanochat.tokenizer import get_tokenizer
 
 
 def _document_batches(split: str, rank: int, world_size: int, batch_size: int,
@@ -53,16 +54,14 @@ def _document_batches(split: str, rank: int, world_size: int, batch_size: int,
 
 def tokenizing_distributed_data_loader(B: int, T: int, split: str, tokenizer_threads: int = 4,
                                        tokenizer_batch_size: int = 128, device: str | torch.device = "cpu",
-                                       resume_state_dict: dict | None = None, tokenizer=None):
+                                       resume_state_dict: dict | None = None):
     """Yield (inputs (B, T) int64, targets (B, T) int64, state_dict) forever (train) or for one
     pass (val). `state_dict` describes the position right after this batch: pass it as
-    `resume_state_dict` to continue with the very next token. `tokenizer` defaults to
-    nanochat.tokenizer.get_tokenizer()."""
+    `resume_state_dict` to continue with the very next token. The tokenizer is the base dir's
+    (nanochat.tokenizer.get_tokenizer())."""
     assert split in ("train", "val"), f"split must be 'train' or 'val' (got {split!r})"
     _, rank, _, world_size = get_dist_info()
-    if tokenizer is None:
-        from nanochat.tokenizer import get_tokenizer
-        tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer()
     bos = tokenizer.get_bos_token_id()
     device = torch.device(device)
     use_cuda = device.type == "cuda"
