@@ -1,0 +1,267 @@
+"""
+Chat tasks: the base class every data set and eval in `tasks/` derives from, mixtures of tasks,
+the multiple-choice prompt, and the loader that finds a task's rows (local files or Hugging Face).
+
+Design choices:
+- A `Task` is a *logical view* of its rows: `start/stop/step` slice the underlying data the way a
+  Python slice would, so `GSM8K(split="test", stop=100)` is the first 100 problems and
+  `ARC(..., start=rank, step=world_size)` is one rank's share. `num_examples()` counts the view;
+  `get_example(i)` maps view index i to row `start + i * step`. Subclasses only say how many rows
+  there are (`num_rows`) and how to turn one into a conversation (`row_example`).
+- A conversation is `{"messages": [{"role": ..., "content": ...}, ...], ...extra fields}`, the
+  format `tokenizer.render_conversation` takes. Categorical tasks add `"letters"`: the answers a
+  model may give, so chat_eval can take the argmax over just those letters' logits.
+- `evaluate(conversation, response) -> 0 or 1`; `reward` defaults to `float(evaluate(...))`.
+- `TaskMixture` shuffles every (task, index) pair with a fixed seed: listing a task twice makes
+  it seen twice per epoch (oversampling by repetition). `TaskSequence` concatenates in order.
+- Rows come from local files when a data directory is given (the `data_dir` argument or
+  $NANOCHAT_DATA_DIR, laid out like ../shared/data: `arc/ARC-Easy/test.jsonl`, `mmlu/test.jsonl`,
+  `gsm8k/train.jsonl`, `humaneval/HumanEval.jsonl.gz`, `chat/*.messages.jsonl`). Otherwise the
+  Hugging Face parquet export of the data set is downloaded once into `<base dir>/task_data/`:
+  the Hub's listing `GET {HF}/api/datasets/{repo}/parquet/{config}/{split}` names the files, each
+  is fetched with `nanochat.common.download_file` (retries, atomic rename, parquet check) under a
+  file lock, and a `files.json` written last marks the split complete. $NANOCHAT_HF_URL replaces
+  https://huggingface.co (a mirror; the tests serve a local http.server), and
+  $NANOCHAT_DOWNLOAD_BACKOFF sets the first retry wait as for the pretraining shards. Only
+  requests + pyarrow.
+- A malformed row is a ValueError naming the file and the line (or parquet row).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+
+from nanochat.common import download_file, file_lock, get_base_dir
+
+HF_URL = "https://huggingface.co"
+
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+
+class Task:
+    """A logical view (start/stop/step) over rows; subclasses define num_rows and row_example."""
+
+    eval_type = "generative"  # 'categorical' (answer = one of example["letters"]) or 'generative'
+
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"bad task slice start={start} stop={stop} step={step}: "
+                             f"need 0 <= start <= stop and step >= 1")
+        self.start, self.stop, self.step = start, stop, step
+
+    # what subclasses implement
+    def num_rows(self) -> int:
+        """Number of rows in the underlying data, ignoring the view."""
+        raise NotImplementedError
+
+    def row_example(self, row_index: int) -> dict:
+        """The conversation for underlying row `row_index`."""
+        raise NotImplementedError
+
+    def evaluate(self, conversation: dict, response: str) -> int:
+        """1 if `response` (the assistant's text) answers `conversation` correctly, else 0."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluate()")
+
+    def reward(self, conversation: dict, response: str) -> float:
+        """The RL reward of a response; by default the evaluation as a float."""
+        return float(self.evaluate(conversation, response))
+
+    # the view
+    def _range(self) -> range:
+        n = self.num_rows()
+        stop = n if self.stop is None else min(self.stop, n)
+        return range(self.start, stop, self.step)
+
+    def num_examples(self) -> int:
+        return len(self._range())
+
+    def get_example(self, index: int) -> dict:
+        rows = self._range()
+        if not 0 <= index < len(rows):
+            raise IndexError(f"{type(self).__name__} example {index} is out of range (the view has {len(rows)})")
+        return self.row_example(rows[index])
+
+    def __len__(self) -> int:
+        return self.num_examples()
+
+    def __getitem__(self, index: int) -> dict:
+        return self.get_example(index)
+
+
+class TaskMixture(Task):
+    """All examples of `tasks`, shuffled together with a fixed seed. A task that appears twice in
+    the list is seen twice (oversampling by repetition)."""
+
+    def __init__(self, tasks: list[Task], seed: int = 42, **view):
+        super().__init__(**view)
+        self.tasks = tasks
+        self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(task.num_examples())]
+        random.Random(seed).shuffle(self.index_map)
+
+    def num_rows(self) -> int:
+        return len(self.index_map)
+
+    def row_example(self, row_index: int) -> dict:
+        t, i = self.index_map[row_index]
+        return self.tasks[t].get_example(i)
+
+
+class TaskSequence(Task):
+    """All examples of `tasks`, one task after the other."""
+
+    def __init__(self, tasks: list[Task], **view):
+        super().__init__(**view)
+        self.tasks = tasks
+        self.offsets = [0]
+        for task in tasks:
+            self.offsets.append(self.offsets[-1] + task.num_examples())
+
+    def num_rows(self) -> int:
+        return self.offsets[-1]
+
+    def row_example(self, row_index: int) -> dict:
+        for t, task in enumerate(self.tasks):
+            if row_index < self.offsets[t + 1]:
+                return task.get_example(row_index - self.offsets[t])
+        raise IndexError(row_index)
+
+
+def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
+    """The multiple-choice prompt: the question, one line `- {choice}={letter}` per option (the
+    letter after the choice, so a small model reads the choice before the letter it must emit),
+    then the instruction."""
+    assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
+    lines = [question] + [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def check_messages(messages, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless `messages` is a list of {role, content} with an
+    optional leading system message, then user/assistant alternating, ending with the assistant."""
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ValueError(f"{where}: expected a list of at least 2 messages, got {str(messages)[:100]!r}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message {i} must be an object with a string 'content'")
+    first = 1 if messages[0].get("role") == "system" else 0
+    for i in range(first, len(messages)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if messages[i].get("role") != expected:
+            raise ValueError(f"{where}: message {i} has role {messages[i].get('role')!r}, expected {expected!r} "
+                             f"(roles alternate user/assistant, after an optional system message)")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's")
+
+
+# -----------------------------------------------------------------------------
+# Finding rows: local files or the Hugging Face parquet export
+
+
+def get_data_dir(data_dir: str | None = None) -> str | None:
+    """The local data folder (argument, else $NANOCHAT_DATA_DIR), or None: download from HF."""
+    return data_dir or os.environ.get("NANOCHAT_DATA_DIR") or None
+
+
+def read_jsonl(path: str, check: Callable[[dict], None] | None = None) -> list:
+    """Rows of a .jsonl or .jsonl.gz file; a bad line is a ValueError naming file and line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if check is not None:
+                    check(row)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}, line {line_number}: malformed row: {e}") from None
+            rows.append(row)
+    return rows
+
+
+class ParquetRows(Sequence):
+    """Rows of a list of parquet files as dicts, converted one at a time (SmolTalk has ~460K
+    conversations: a pyarrow table holds them compactly, a list of dicts would not)."""
+
+    def __init__(self, paths: list[str], check: Callable[[dict], None] | None = None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        self.paths, self.check = paths, check
+        tables = [pq.read_table(p) for p in paths]
+        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        self.table = self.table.combine_chunks()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table.slice(i, 1).to_pylist()[0]
+        if self.check is not None:
+            try:
+                self.check(row)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{self.paths} (parquet), row {i}: malformed row: {e}") from None
+        return row
+
+
+def hf_base_url() -> str:
+    return os.environ.get("NANOCHAT_HF_URL", HF_URL).rstrip("/")
+
+
+def _validate_parquet(path: str) -> None:
+    import pyarrow.parquet as pq
+    pq.ParquetFile(path)  # reads the footer: fails on truncated files and HTML error pages
+
+
+def download_hf_split(repo: str, config: str, split: str) -> list[str]:
+    """Download the parquet files of one split of a Hugging Face data set (once) into
+    <base dir>/task_data/<repo>/<config>/<split>/; return their paths."""
+    import requests
+    directory = os.path.join(get_base_dir(), "task_data", repo.replace("/", "__"), config, split)
+    manifest = os.path.join(directory, "files.json")
+    with file_lock(os.path.join(directory, ".lock")):
+        if not os.path.exists(manifest):
+            listing_url = f"{hf_base_url()}/api/datasets/{repo}/parquet/{config}/{split}"
+            try:
+                response = requests.get(listing_url, timeout=30)
+                response.raise_for_status()
+                urls = response.json()
+            except Exception as e:
+                raise RuntimeError(f"could not list the parquet files of {repo} ({config}/{split}) at {listing_url}: {e}. "
+                                   f"Without internet, point NANOCHAT_DATA_DIR at local copies of the data") from e
+            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+                raise RuntimeError(f"{listing_url} returned {str(urls)[:200]!r}, not a list of parquet URLs")
+            names = [f"{i:04d}.parquet" for i in range(len(urls))]
+            for url, name in zip(urls, names):
+                download_file(url, os.path.join(directory, name), validate=_validate_parquet,
+                              backoff=float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", "1.0")))
+            tmp = manifest + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"repo": repo, "config": config, "split": split, "files": names, "urls": urls}, f)
+            os.replace(tmp, manifest)  # written last: the split is complete
+    with open(manifest) as f:
+        return [os.path.join(directory, name) for name in json.load(f)["files"]]
+
+
+def load_rows(local_path: str | None, hf: tuple[str, str, str], data_dir: str | None = None,
+              check: Callable[[dict], None] | None = None) -> Sequence[dict]:
+    """The rows of one split: `<data dir>/<local_path>` if a data dir is set, else the Hugging Face
+    parquet export `hf` = (repo, config, split), downloaded once."""
+    data_dir = get_data_dir(data_dir)
+    if data_dir is not None:
+        if local_path is None:
+            raise FileNotFoundError(f"{hf[0]} ({hf[1]}/{hf[2]}) has no local copy in {data_dir}; "
+                                    f"unset NANOCHAT_DATA_DIR to download it from Hugging Face")
+        path = os.path.join(data_dir, local_path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: the data dir {data_dir} (NANOCHAT_DATA_DIR or data_dir=) "
+                                    f"has no {local_path}; unset it to download {hf[0]} from Hugging Face")
+        return read_jsonl(path, check)
+    return ParquetRows(download_hf_split(*hf), check)

@@ -1,0 +1,45 @@
+"""
+CustomJSON: your own conversations from a local JSONL file, e.g. identity conversations that
+teach the model its name. Each line is one conversation, a JSON list of messages:
+
+    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am nanochat..."}]
+
+(an object {"messages": [...]} per line is accepted too, the layout of ../shared/data/chat). An
+optional system message may come first; then roles alternate user/assistant and the last message
+is the assistant's. Every line is validated on load; a bad one is a ValueError naming file and line.
+
+    from tasks.customjson import CustomJSON
+    CustomJSON("identity_conversations.jsonl")
+"""
+
+from __future__ import annotations
+
+import os
+
+from tasks.common import Task, check_messages, read_jsonl
+
+
+def _messages(row) -> list:
+    return row["messages"] if isinstance(row, dict) else row
+
+
+def _check_row(row) -> None:
+    check_messages(_messages(row), "conversation")
+
+
+class CustomJSON(Task):
+    eval_type = "generative"
+
+    def __init__(self, filepath: str, **view):
+        super().__init__(**view)
+        if not os.path.exists(filepath):
+            raise FileNotFoundError(f"CustomJSON: {filepath} does not exist (expected a JSONL file, one conversation "
+                                    f"per line: a list of {{\"role\", \"content\"}} messages)")
+        self.filepath = filepath
+        self.rows = read_jsonl(filepath, _check_row)
+
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def row_example(self, row_index: int) -> dict:
+        return {"messages": _messages(self.rows[row_index])}

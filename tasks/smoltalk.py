@@ -1,0 +1,54 @@
+"""
+SmolTalk: general chat conversations for midtraining and SFT (Hugging Face
+`HuggingFaceTB/smol-smoltalk`: train ~460K, test ~24K). Each row's `messages` is a conversation,
+sometimes with a leading system message (the tokenizer merges it into the first user turn).
+
+Locally (a data dir given by `data_dir=` or $NANOCHAT_DATA_DIR) SmolTalk itself is not available:
+the chat samples `<data dir>/chat/*.messages.jsonl` (same `messages` layout) stand in for it. All
+files are read in name order and split deterministically: every 20th conversation (index % 20 ==
+0) is "test", the rest "train", about SmolTalk's 5% test share. With ../shared/data that is 3,727
+conversations: 3,540 train / 187 test. (One of those files, HH-RLHF harmless-base, is red-teaming
+prompts with the preferred replies: fine for plumbing and CPU runs, not a quality SFT mix.)
+
+    from tasks.smoltalk import SmolTalk
+    SmolTalk("train", stop=10_000)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from tasks.common import Task, check_messages, get_data_dir, load_rows, read_jsonl
+
+TEST_EVERY = 20  # local stand-in: conversation i is in the test split when i % 20 == 0
+
+
+def _check_row(row: dict) -> None:
+    check_messages(row["messages"], "conversation")
+
+
+class SmolTalk(Task):
+    eval_type = "generative"
+
+    def __init__(self, split: str, data_dir: str | None = None, **view):
+        super().__init__(**view)
+        if split not in ("train", "test"):
+            raise ValueError(f"SmolTalk split must be 'train' or 'test', got {split!r}")
+        local_dir = get_data_dir(data_dir)
+        if local_dir is None:
+            self.rows = load_rows(None, ("HuggingFaceTB/smol-smoltalk", "default", split), None, _check_row)
+            return
+        paths = sorted(glob.glob(os.path.join(local_dir, "chat", "*.messages.jsonl")))
+        if not paths:
+            raise FileNotFoundError(f"no chat/*.messages.jsonl in the data dir {local_dir} to stand in for SmolTalk; "
+                                    f"unset NANOCHAT_DATA_DIR to download it from Hugging Face")
+        rows = [row for path in paths for row in read_jsonl(path, _check_row)]
+        keep_test = split == "test"
+        self.rows = [row for i, row in enumerate(rows) if (i % TEST_EVERY == 0) == keep_test]
+
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def row_example(self, row_index: int) -> dict:
+        return {"messages": self.rows[row_index]["messages"]}
