@@ -1,0 +1,238 @@
+"""
+Tests for nanochat/engine.py.
+
+- The calculator: arithmetic and str.count work; 40+ injection attempts return None and execute
+  nothing (a canary file that any successful attack would create stays absent).
+- The tool-use state machine and stop tokens, driven by `ScriptedModel`: a stand-in for the GPT
+  whose logits favour a scripted next token. It is a legitimate test double here: the point is
+  what the engine does with the tokens, and it goes through the real KVCache protocol (it stores
+  the token ids it is fed as its "keys", so it also checks that prefill copies and concatenation
+  keep every row's history intact).
+- With the real GPT (tiny, random): the KV-cache forward equals the full forward; the engine at
+  temperature 0 equals the naive `GPT.generate` token for token (batch 1 and N); first tokens
+  differ across rows at temperature 1; runs repeat with the same seed.
+"""
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
+from nanochat.tokenizer import RustBPETokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real tiktoken tokenizer with the 256 bytes and no merges (needs no trained BPE)."""
+    return RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
+
+
+# -----------------------------------------------------------------------------
+# The calculator
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("1+2", "3"), ("48/2", "24"), ("10/4", "2.5"), ("(3 + 4) * 5 - 6", "29"), ("-3*-2", "6"),
+    ("1,000 + 2,500", "3500"), ("7//2", "3"), (".5*4", "2"), (" 12 ", "12"), ("0.1+0.2", str(0.1 + 0.2)),
+    ("99999999999*99999999999", str(99999999999 * 99999999999)),
+    ('"strawberry".count("r")', "3"), ("'banana'.count('an')", "2"), ('"a,b,c".count(",")', "2"),
+])
+def test_calculator_values(expr, value):
+    assert use_calculator(expr) == value
+
+
+CANARY = "/tmp/nanochat_calculator_canary"
+
+INJECTIONS = [
+    f"__import__('os').system('touch {CANARY}')",
+    f"__import__('subprocess').run(['touch', '{CANARY}'])",
+    f"open('{CANARY}', 'w')",
+    f"exec(\"open('{CANARY}','w')\")",
+    f"eval(\"open('{CANARY}','w')\")",
+    "().__class__.__bases__[0].__subclasses__()",
+    "''.__class__.__mro__[1].__subclasses__()",
+    "(1).__class__",
+    '"a".count.__self__',
+    '"a".count.__self__.__class__',
+    '"a".count("a").__class__',
+    '"a".count.__call__("a")',
+    "'x'.count(__import__('os').getcwd())",
+    f"'x'.count(open('{CANARY}','w'))",
+    "'x'.format(1)",
+    "'x'.join(['a'])",
+    "'x' * 10**9",
+    "'x'.count('x') ** 2",
+    "'x'.count('x', 0, 1)",
+    "'x'.count(x='x')",
+    "'a'.count(*['a'])",
+    '"strawberry".count("r") + 1',
+    "2**10", "9**9**9**9", "2 ** 1000000", "10**10**10",
+    "pow(2, 3)", "abs(-1)", "len('abc')", "print(1)",
+    "lambda: 1", "(lambda: __import__('os'))()",
+    "f'{1+1}'", f"f\"{{__import__('os').system('touch {CANARY}')}}\"",
+    "[1, 2]", "{1: 2}", "(1, 2)", "x", "x + 1", "True + 1", "None",
+    "1 if 1 else 2", "1 < 2", "1 % 2", "1 & 3", "~1", "1e10", "0x10", "1_000", "3j",
+    "globals()", "locals()", "vars()", "dir()", "breakpoint()", "input()",
+    "[x for x in range(10**10)]", "(yield)", "await x", "a := 1",
+    "1" * 1000, "(" * 300 + "1" + ")" * 300, "1+" * 200 + "1", "-" * 500 + "1",
+    "1/0", "1//0", "9" * 200 + "/0.0",
+    "1;2", "1\n2", "import os", "\x00", "", "   ", "1 2",
+    b"1+1", None, 12,
+]
+
+
+def test_calculator_rejects_injections():
+    import os
+    if os.path.exists(CANARY):
+        os.remove(CANARY)
+    assert len(INJECTIONS) >= 30
+    for expr in INJECTIONS:
+        assert use_calculator(expr) is None, expr
+    assert not os.path.exists(CANARY)
+
+
+def test_calculator_is_fast_and_works_off_the_main_thread():
+    results = []
+    thread = threading.Thread(target=lambda: results.append((use_calculator("6*7"), use_calculator("9**9**9"),
+                                                             use_calculator('"aaa".count("a")'))))
+    thread.start()
+    thread.join(5)
+    assert results == [("42", None, "3")]
+    # the longest accepted arithmetic (the length cap) evaluates quickly
+    import time
+    t0 = time.time()
+    assert use_calculator("*".join(["99999999"] * 28)) is not None
+    assert time.time() - t0 < 0.5
+
+
+# -----------------------------------------------------------------------------
+# KV cache and sampling
+
+
+def test_kv_cache_concatenates_and_prefill_replicates():
+    prefill = KVCache(batch_size=1, num_layers=2)
+    k1, v1 = torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)  # (B, H, T, D)
+    for layer in range(2):
+        assert prefill.get_pos() == 0
+        k_all, v_all = prefill.insert_kv(layer, k1 + layer, v1 + layer)
+        assert torch.equal(k_all, k1 + layer)
+    assert prefill.get_pos() == 5  # advanced after the last layer only
+    cache = KVCache(batch_size=3, num_layers=2)
+    cache.prefill(prefill)
+    assert cache.get_pos() == 5
+    k2 = torch.randn(3, 3, 1, 4)
+    k_all, v_all = cache.insert_kv(0, k2, k2 * 2)
+    assert k_all.shape == (3, 3, 6, 4)
+    for row in range(3):
+        assert torch.equal(k_all[row, :, :5], k1[0]) and torch.equal(k_all[row, :, 5:], k2[row])
+        assert torch.equal(v_all[row, :, 5:], 2 * k2[row])
+    cache.insert_kv(1, k2, k2)
+    assert cache.get_pos() == 6
+    # the copies are independent of the batch-1 cache and of each other
+    cache.keys[0][0].zero_()
+    assert torch.equal(prefill.keys[0], k1) and torch.equal(cache.keys[0][1, :, :5], k1[0])
+
+
+def test_sample_next_token():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [3.0, 0.0, 0.0, 0.0]])
+    assert sample_next_token(logits, generator, temperature=0.0).tolist() == [[1], [0]]
+    draws = torch.cat([sample_next_token(logits, generator, 1.0, top_k=2) for _ in range(300)], dim=1)
+    assert set(draws[0].tolist()) == {1, 3} and set(draws[1].tolist()) <= {0, 1, 2, 3}
+    assert set(draws[1].tolist()) & {1, 2, 3}  # ties among the top-2: both appear
+    full = torch.cat([sample_next_token(logits, generator, 1.0) for _ in range(300)], dim=1)
+    assert set(full[0].tolist()) == {0, 1, 2, 3}
+    a = sample_next_token(logits.repeat(50, 1), torch.Generator().manual_seed(7), 1.0)
+    b = sample_next_token(logits.repeat(50, 1), torch.Generator().manual_seed(7), 1.0)
+    assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# Tool use and stop tokens, with a scripted stand-in model
+
+
+class ScriptedModel(torch.nn.Module):
+    """Logits that make `script(row, generated)` the next token, where `generated` is the list of
+    tokens the row has been fed after the prompt. History is kept in the KV cache: the token ids
+    are inserted as keys (B, 1, T, 1) in every layer and read back from it."""
+
+    def __init__(self, vocab_size, prompt_len, script, n_layer=2):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # gives the engine a device
+        self.config = SimpleNamespace(n_layer=n_layer, vocab_size=vocab_size)
+        self.vocab_size, self.prompt_len, self.script = vocab_size, prompt_len, script
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        ids = idx.float().view(B, 1, T, 1)
+        for layer in range(self.config.n_layer):
+            history, _ = kv_cache.insert_kv(layer, ids, ids)  # (B, 1, T_all, 1)
+        logits = torch.full((B, T, self.vocab_size), -30.0)
+        for row in range(B):
+            tokens = history[row, 0, :, 0].long().tolist()
+            logits[row, -1, self.script(row, tokens[self.prompt_len:])] = 30.0
+        return logits
+
+
+def scripted_engine(tokenizer, prompt, script):
+    return Engine(ScriptedModel(tokenizer.get_vocab_size(), len(prompt), script), tokenizer)
+
+
+def test_tool_use_injects_calculator_output_with_mask_zero(tokenizer):
+    special = tokenizer.encode_special
+    Z = tokenizer.encode("Z")[0]  # what the model "would" say where the tool output goes
+    intended = ([special("<|python_start|>")] + tokenizer.encode("12*3+4") + [special("<|python_end|>")]
+                + [Z] * 4 + tokenizer.encode(" so 40") + [special("<|assistant_end|>")])
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "12*3+4?"},
+                                                           {"role": "assistant", "content": ""}]})
+    engine = scripted_engine(tokenizer, prompt, lambda row, generated: intended[len(generated)])
+    steps = list(engine.generate(prompt, num_samples=3, max_tokens=50, temperature=1.0, seed=1))
+    forced = [special("<|output_start|>")] + tokenizer.encode("40") + [special("<|output_end|>")]
+    call = intended.index(special("<|python_end|>")) + 1  # tokens up to and including <|python_end|>
+    expected = intended[:call] + forced + intended[call + 4:]
+    assert len(forced) == 4 and len(steps) == len(expected)  # stops right after <|assistant_end|>
+    for row in range(3):
+        assert [column[row] for column, _ in steps] == expected
+        assert [mask[row] for _, mask in steps] == [1] * call + [0] * 4 + [1] * (len(expected) - call - 4)
+    sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=50)
+    assert sequences == [prompt + expected[:-1]] * 2  # prompt included, stop token excluded
+    assert masks == [[0] * len(prompt) + [1] * call + [0] * 4 + [1] * (len(expected) - call - 5)] * 2
+    assert tokenizer.decode(sequences[0][len(prompt):]) == \
+        "<|python_start|>12*3+4<|python_end|><|output_start|>40<|output_end|> so 40"
+
+
+def test_rejected_expression_forces_nothing(tokenizer):
+    import os
+    canary = "/tmp/nanochat_engine_canary"
+    if os.path.exists(canary):
+        os.remove(canary)
+    special = tokenizer.encode_special
+    intended = ([special("<|python_start|>")] + tokenizer.encode(f"__import__('os').system('touch {canary}')")
+                + [special("<|python_end|>")] + tokenizer.encode("ok") + [special("<|assistant_end|>")])
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("hi")
+    engine = scripted_engine(tokenizer, prompt, lambda row, generated: intended[len(generated)])
+    sequences, masks = engine.generate_batch(prompt, max_tokens=200)
+    assert sequences[0] == prompt + intended[:-1] and masks[0] == [0] * len(prompt) + [1] * (len(intended) - 1)
+    assert not os.path.exists(canary)
+
+
+def test_rows_stop_on_their_own_stop_token(tokenizer):
+    """Row r says 'x' r+1 times then stops, on <|assistant_end|> (even rows) or <|bos|> (odd)."""
+    x = tokenizer.encode("x")[0]
+    stops = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+    script = lambda row, generated: x if len(generated) <= row else stops[row % 2]
+    prompt = tokenizer.encode("go")
+    engine = scripted_engine(tokenizer, prompt, script)
+    steps = list(engine.generate(prompt, num_samples=4, max_tokens=100))
+    assert len(steps) == 5  # until the slowest row (4 x's + its stop token) is done
+    for row in range(4):
+        column = [c[row] for c, _ in steps]
+        assert column[:row + 2] == [x] * (row + 1) + [stops[row % 2]]
+    sequences, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=100)
+    assert [len(s) - len(prompt) for s in sequences] == [1, 2, 3, 4]
+    # max_tokens cuts every row
+    sequences, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=2)
+    assert [len(s) - len(prompt) for s in sequences] == [1, 2, 2, 2]
+    assert len(list(engine.generate(prompt, num_samples=4, max_tokens=3))) == 3
