@@ -29,6 +29,7 @@ Design choices:
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import os
@@ -193,10 +194,12 @@ class ParquetRows(Sequence):
     def __init__(self, paths: list[str], check: Callable[[dict], None] | None = None):
         import pyarrow as pa
         import pyarrow.parquet as pq
-        self.paths, self.check = paths, check
         tables = [pq.read_table(p) for p in paths]
-        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        self.table = self.table.combine_chunks()
+        self.paths, self.check = paths, check
+        self.starts = [0]  # first row of each file, to name the file of a bad row
+        for table in tables:
+            self.starts.append(self.starts[-1] + table.num_rows)
+        self.table = pa.concat_tables(tables)  # zero-copy
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -207,7 +210,8 @@ class ParquetRows(Sequence):
             try:
                 self.check(row)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{self.paths} (parquet), row {i}: malformed row: {e}") from None
+                f = bisect.bisect_right(self.starts, i) - 1
+                raise ValueError(f"{self.paths[f]}, row {i - self.starts[f]}: malformed row: {e}") from None
         return row
 
 

@@ -378,6 +378,8 @@ def hub(tmp_path, local_data, monkeypatch):
     chats = [{"messages": r["messages"]} for r in _jsonl(local_data / "chat" / "self_instruct_seed_tasks.messages.jsonl")]
     splits = {
         ("openai/gsm8k", "main", "test"): [write("gsm_0.parquet", gsm[:700]), write("gsm_1.parquet", gsm[700:])],
+        ("openai/gsm8k", "main", "train"): [write("gsm_2.parquet", gsm[:5]),  # row 3 of the second file is bad
+                                            write("gsm_3.parquet", gsm[5:8] + [{"question": "q", "answer": "none"}])],
         ("allenai/ai2_arc", "ARC-Challenge", "test"): [write("arc.parquet", _jsonl(local_data / "arc/ARC-Challenge/test.jsonl"))],
         ("cais/mmlu", "auxiliary_train", "train"): [write("aux.parquet", [{"train": r} for r in _jsonl(local_data / "mmlu/dev.jsonl")])],
         ("openai/openai_humaneval", "openai_humaneval", "test"): [write("he.parquet", _jsonl(local_data / "humaneval/HumanEval.jsonl.gz"))],
@@ -421,3 +423,10 @@ def test_hf_download_retries_a_failing_file(hub, monkeypatch):
     hub.fail_files = 2
     assert len(ARC("ARC-Challenge", "test")) == 1172
     assert sum(r.startswith("/files/arc") for r in hub.requests) == 3
+
+
+def test_hf_malformed_row_names_file_and_row(hub):
+    task = GSM8K("train")
+    assert len(task) == 9 and task[7]["messages"][0]["role"] == "user"
+    with pytest.raises(ValueError, match=r"0001.parquet, row 3: malformed row: the answer has no '####"):
+        task[8]
