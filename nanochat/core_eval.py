@@ -1,0 +1,404 @@
+"""
+CORE: the in-context-learning benchmark of the DCLM paper (Li et al. 2024, "DataComp-LM"), as a
+single number for a base model. GPT-2 XL scores 0.2565; the d20 speedrun model about 0.22.
+
+The eval bundle (downloaded once to <base>/eval_bundle/, or a local copy named by
+$NANOCHAT_EVAL_BUNDLE) holds:
+- `core.yaml`: `icl_tasks`, each with `label`, `dataset_uri` (under eval_data/), `num_fewshot`
+  (a list like [10] in the real bundle, or an int), `icl_task_type` (multiple_choice | schema |
+  language_modeling) and optional `continuation_delimiter` (default " ");
+- `eval_data/**.jsonl`: one item per line. multiple_choice: {query, choices, gold};
+  schema: {context_options, continuation, gold}; language_modeling: {context, continuation};
+- `eval_meta_data.csv`: `Eval Task`, `Random baseline` (percent).
+
+How one item is scored (the conventions of the original nanochat / DCLM evaluation):
+- few-shot examples: `random.Random(1234 + idx).sample` of the other items of the task, each
+  rendered with its gold answer and followed by a blank line ("\n\n");
+- multiple choice: one sequence per choice, `query + delimiter + choice`; schema: one per context
+  option, `option + delimiter + continuation`; language modeling: `context + delimiter +
+  continuation` (context stripped of surrounding whitespace, as the data carries stray spaces);
+- every sequence starts with BOS. The scored span is what follows the tokens all choices share
+  (multiple choice), what precedes the tokens all options share (schema), or what follows the
+  prompt without the continuation (language modeling);
+- sequences longer than the model's `config.sequence_len` lose tokens on the left;
+- multiple choice / schema: correct if the gold sequence has the lowest mean cross-entropy over its
+  span (ties go to the lowest index); language modeling: correct if the greedy argmax predicts
+  every continuation token.
+Items are shuffled with `random.Random(1337)`, capped to `max_per_task`; rank r scores items
+r, r + world_size, ...; per-item results are all-reduced. Centered accuracy = (acc - b) / (1 - b)
+with b the random baseline; CORE = mean centered accuracy over the tasks present (22 in the full
+bundle). Several items are packed into one forward pass (`batch_size` sequences, right-padded);
+the model is causal, so padding never changes a score.
+
+    from nanochat.core_eval import evaluate_core
+    out = evaluate_core(model, tokenizer, device, max_per_task=500)  # out["core_metric"]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanochat.common import download_file, file_lock, get_base_dir, print0
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+REQUIRED_FIELDS = {  # field -> expected type, per task type
+    "multiple_choice": {"query": str, "choices": list, "gold": int},
+    "schema": {"context_options": list, "continuation": str, "gold": int},
+    "language_modeling": {"context": str, "continuation": str},
+}
+
+
+class BundleError(ValueError):
+    """A malformed eval bundle; the message names the file (and line) and what is wrong."""
+
+
+# -----------------------------------------------------------------------------
+# The bundle: find or download it, then read and validate it
+
+
+def _validate_zip(path: str) -> None:
+    with zipfile.ZipFile(path) as zf:  # raises BadZipFile on a truncated or foreign file
+        bad = zf.testzip()
+        if bad is not None:
+            raise BundleError(f"{path}: member {bad} is corrupt (CRC mismatch)")
+        if not any(name.endswith("core.yaml") for name in zf.namelist()):
+            raise BundleError(f"{path}: the archive has no core.yaml, it is not a CORE eval bundle")
+
+
+def download_eval_bundle(url: str, bundle_dir: str, attempts: int = 5) -> str:
+    """Download and unzip the bundle into `bundle_dir` unless it is already there. One process
+    downloads under a file lock; the others wait, then find it. The zip is verified before it is
+    unpacked, and the unpacked folder is renamed into place only when complete."""
+    with file_lock(bundle_dir.rstrip("/") + ".lock"):
+        if os.path.exists(os.path.join(bundle_dir, "core.yaml")):
+            return bundle_dir
+        parent = os.path.dirname(os.path.abspath(bundle_dir))
+        zip_path = os.path.join(parent, "eval_bundle.zip")
+        print0(f"downloading the CORE eval bundle from {url}")
+        download_file(url, zip_path, attempts=attempts, validate=_validate_zip)
+        tmp = tempfile.mkdtemp(prefix=".eval_bundle_", dir=parent)
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp)
+            root = tmp  # the real zip wraps everything in one folder (eval_bundle/)
+            if not os.path.exists(os.path.join(root, "core.yaml")):
+                subdirs = [d for d in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, d, "core.yaml"))]
+                if len(subdirs) != 1:
+                    raise BundleError(f"{url}: expected core.yaml at the top or in one top folder of the zip")
+                root = os.path.join(tmp, subdirs[0])
+            if os.path.exists(bundle_dir):  # a folder without core.yaml: not a bundle, replace it
+                shutil.rmtree(bundle_dir)
+            os.replace(root, bundle_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.remove(zip_path)
+    return bundle_dir
+
+
+def get_eval_bundle_dir(url: str = EVAL_BUNDLE_URL) -> str:
+    """$NANOCHAT_EVAL_BUNDLE (a local bundle folder) if set, else <base>/eval_bundle (downloaded
+    on first use)."""
+    local = os.environ.get("NANOCHAT_EVAL_BUNDLE")
+    if local:
+        if not os.path.isfile(os.path.join(local, "core.yaml")):
+            raise BundleError(f"NANOCHAT_EVAL_BUNDLE={local}: no core.yaml there; point it at an unzipped eval bundle")
+        return local
+    return download_eval_bundle(url, os.path.join(get_base_dir(), "eval_bundle"))
+
+
+def _read_baselines(csv_path: str) -> dict[str, float]:
+    if not os.path.isfile(csv_path):
+        raise BundleError(f"{csv_path}: missing (it holds each task's random baseline)")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"Eval Task", "Random baseline"} - set(reader.fieldnames or [])
+        if missing:
+            raise BundleError(f"{csv_path}: missing column(s) {sorted(missing)}")
+        baselines = {}
+        for row in reader:
+            try:
+                baselines[row["Eval Task"]] = float(row["Random baseline"])
+            except (TypeError, ValueError):
+                raise BundleError(f"{csv_path}:{reader.line_num}: Random baseline {row['Random baseline']!r} "
+                                  f"is not a number") from None
+    return baselines
+
+
+def load_bundle(bundle_dir: str) -> list[dict]:
+    """The tasks of core.yaml, validated: [{label, task_type, dataset_path, num_fewshot,
+    continuation_delimiter, random_baseline (percent)}]."""
+    import yaml
+    yaml_path = os.path.join(bundle_dir, "core.yaml")
+    if not os.path.isfile(yaml_path):
+        raise BundleError(f"{yaml_path}: missing; is {bundle_dir} an eval bundle?")
+    with open(yaml_path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        config = yaml.safe_load(text)
+        root = yaml.compose(text)  # the same document as nodes, for line numbers
+    except yaml.YAMLError as e:
+        raise BundleError(f"{yaml_path}: not valid YAML: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list) or not config["icl_tasks"]:
+        raise BundleError(f"{yaml_path}: expected a top-level 'icl_tasks' list with at least one task")
+    task_nodes = next(v for k, v in root.value if k.value == "icl_tasks").value
+    baselines = _read_baselines(os.path.join(bundle_dir, "eval_meta_data.csv"))
+
+    tasks = []
+    for task, node in zip(config["icl_tasks"], task_nodes):
+        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node.value, list) else {}
+        where = f"{yaml_path}:{node.start_mark.line + 1}"
+        at = lambda key: f"{yaml_path}:{lines.get(key, node.start_mark.line + 1)}"  # noqa: E731
+        if not isinstance(task, dict):
+            raise BundleError(f"{where}: a task must be a mapping")
+        for key in ("label", "dataset_uri", "num_fewshot", "icl_task_type"):
+            if key not in task:
+                raise BundleError(f"{where}: task {task.get('label', '?')!r} has no '{key}'")
+        label, task_type = task["label"], task["icl_task_type"]
+        if task_type not in TASK_TYPES:
+            raise BundleError(f"{at('icl_task_type')}: task {label!r} has unknown icl_task_type {task_type!r} "
+                              f"(expected one of {', '.join(TASK_TYPES)})")
+        num_fewshot = task["num_fewshot"]
+        num_fewshot = num_fewshot[0] if isinstance(num_fewshot, list) and len(num_fewshot) == 1 else num_fewshot
+        if not isinstance(num_fewshot, int) or num_fewshot < 0:
+            raise BundleError(f"{at('num_fewshot')}: task {label!r}: num_fewshot must be an int >= 0 or a one-element "
+                              f"list of one (got {task['num_fewshot']!r})")
+        dataset_path = os.path.join(bundle_dir, "eval_data", task["dataset_uri"])
+        if not os.path.isfile(dataset_path):
+            raise BundleError(f"{at('dataset_uri')}: task {label!r}: dataset file {dataset_path} is missing")
+        if label not in baselines:
+            raise BundleError(f"{at('label')}: task {label!r} has no 'Random baseline' row in "
+                              f"{os.path.join(bundle_dir, 'eval_meta_data.csv')}")
+        if not 0 <= baselines[label] < 100:
+            raise BundleError(f"eval_meta_data.csv: task {label!r}: random baseline {baselines[label]} "
+                              f"must be a percentage in [0, 100)")
+        tasks.append({"label": label, "task_type": task_type, "dataset_path": dataset_path,
+                      "num_fewshot": num_fewshot,
+                      "continuation_delimiter": task.get("continuation_delimiter", " "),
+                      "random_baseline": baselines[label]})
+    return tasks
+
+
+def load_task_data(path: str, task_type: str) -> list[dict]:
+    """The items of one task's JSONL file, each checked for the fields its task type needs."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line_num, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BundleError(f"{path}:{line_num}: bad JSON ({e})") from None
+            if not isinstance(item, dict):
+                raise BundleError(f"{path}:{line_num}: expected a JSON object")
+            for key, kind in REQUIRED_FIELDS[task_type].items():
+                if not isinstance(item.get(key), kind) or isinstance(item.get(key), bool):
+                    raise BundleError(f"{path}:{line_num}: a {task_type} item needs '{key}' "
+                                      f"({kind.__name__}), got {item.get(key)!r}")
+            options = item.get("choices", item.get("context_options"))
+            if options is not None:
+                if len(options) < 2 or not all(isinstance(o, str) for o in options):
+                    raise BundleError(f"{path}:{line_num}: needs a list of at least 2 strings to choose from")
+                if not 0 <= item["gold"] < len(options):
+                    raise BundleError(f"{path}:{line_num}: gold {item['gold']} is out of range for "
+                                      f"{len(options)} options")
+            items.append(item)
+    if not items:
+        raise BundleError(f"{path}: no items")
+    return items
+
+
+# -----------------------------------------------------------------------------
+# Prompts: one string per sequence to score
+
+
+def render_prompts_mc(item: dict, delimiter: str, fewshot: list[dict]) -> list[str]:
+    """One prompt per choice: few-shot examples with their gold answers, then query + choice."""
+    prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+    return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item: dict, delimiter: str, fewshot: list[dict]) -> list[str]:
+    """One prompt per context option, all ending in the shared continuation."""
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    return [f"{prefix}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
+
+
+def render_prompts_lm(item: dict, delimiter: str, fewshot: list[dict]) -> list[str]:
+    """[prompt without the continuation, prompt with it]. The first is stripped so that its
+    tokens are a prefix of the second's (a trailing space would merge into the next token)."""
+    prefix = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    prompt = f"{prefix}{item['context'].strip()}{delimiter}"
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+# -----------------------------------------------------------------------------
+# Tokens and the span to score in each sequence
+
+
+def _common_length(seqs: list[list[int]], from_end: bool) -> int:
+    """How many leading (or trailing) tokens all sequences share."""
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        i = -1 - k if from_end else k
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return k
+    return n
+
+
+def tokenize_example(tokenizer, prompts: list[str], task_type: str) -> tuple[list[list[int]], list[int], list[int]]:
+    """(token rows, span starts, span ends): row r is scored on tokens [start_r, end_r)."""
+    tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    if task_type == "multiple_choice":
+        start = _common_length(tokens, from_end=False)
+        rows, starts, ends = tokens, [start] * len(tokens), [len(t) for t in tokens]
+    elif task_type == "schema":
+        suffix = _common_length(tokens, from_end=True)
+        rows, starts, ends = tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
+    else:  # language_modeling: [without, with]; the continuation is what `with` adds
+        without, with_ = tokens
+        rows, starts, ends = [with_], [_common_length([without, with_], from_end=False)], [len(with_)]
+    # A choice identical to (or a prefix of) another leaves an empty span: score its last token.
+    starts = [max(1, min(s, e - 1)) for s, e in zip(starts, ends)]
+    return rows, starts, ends
+
+
+def crop_left(rows: list[list[int]], starts: list[int], ends: list[int], max_len: int | None):
+    """Drop tokens on the left of rows longer than max_len, shifting their spans. A span that
+    itself overflows keeps its last max_len - 1 tokens (position 0 has no prediction)."""
+    if max_len is None:
+        return rows, starts, ends
+    out = ([], [], [])
+    for row, s, e in zip(rows, starts, ends):
+        crop = max(0, len(row) - max_len)
+        out[0].append(row[crop:])
+        out[1].append(max(1, s - crop))
+        out[2].append(e - crop)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def forward_losses(model, rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows into one batch; (losses, predictions), both (B, T): losses[b, t] is the
+    cross-entropy of token t + 1 given tokens <= t, predictions[b, t] the argmax there."""
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        idx[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    idx = idx.to(device)
+    logits = model(idx).float()  # (B, T, V)
+    B, T, V = logits.shape
+    targets = torch.roll(idx, shifts=-1, dims=1)  # (B, T); the last column is junk, never read
+    losses = F.cross_entropy(logits.view(B * T, V), targets.view(B * T), reduction="none").view(B, T)
+    return losses.cpu(), logits.argmax(dim=-1).cpu()
+
+
+def _judge(task_type: str, gold: int | None, rows, starts, ends, losses, predictions) -> bool:
+    """Is this one item right, given its rows' losses and predictions?"""
+    if task_type == "language_modeling":
+        s, e = starts[0], ends[0]
+        return bool(torch.equal(predictions[0, s - 1:e - 1], torch.tensor(rows[0][s:e])))
+    # float64 means: equal per-token losses give exactly equal means whatever the span length,
+    # so a tie is a true tie and goes to the lowest index.
+    mean_losses = [losses[r, s - 1:e - 1].double().mean().item() for r, (s, e) in enumerate(zip(starts, ends))]
+    return mean_losses.index(min(mean_losses)) == gold  # ties: the lowest index wins
+
+
+def prepare_item(idx: int, data: list[dict], tokenizer, task_meta: dict, max_len: int | None):
+    """Render and tokenize item `idx` with its few-shot examples; (rows, starts, ends)."""
+    item, task_type = data[idx], task_meta["task_type"]
+    fewshot = []
+    num_fewshot = min(task_meta["num_fewshot"], len(data) - 1)
+    if num_fewshot > 0:
+        # Same draw as rng.sample([i for i in range(len(data)) if i != idx], k), without building
+        # that list for every item: sample positions among the others, then skip over idx.
+        rng = random.Random(1234 + idx)
+        fewshot = [data[j + (j >= idx)] for j in rng.sample(range(len(data) - 1), num_fewshot)]
+    render = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema,
+              "language_modeling": render_prompts_lm}[task_type]
+    prompts = render(item, task_meta["continuation_delimiter"], fewshot)
+    return crop_left(*tokenize_example(tokenizer, prompts, task_type), max_len)
+
+
+def score_items(model, tokenizer, data: list[dict], indices: list[int], device, task_meta: dict,
+                batch_size: int = 8) -> list[bool]:
+    """Correctness of data[i] for i in indices. Items are packed into forward passes of at most
+    batch_size rows (an item with more choices than that gets a pass of its own)."""
+    max_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    pad_id = tokenizer.get_bos_token_id()
+    results, pending = [], []  # pending: (idx, rows, starts, ends)
+
+    def flush():
+        all_rows = [row for _, rows, _, _ in pending for row in rows]
+        losses, predictions = forward_losses(model, all_rows, pad_id, device)
+        offset = 0
+        for idx, rows, starts, ends in pending:
+            sl = slice(offset, offset + len(rows))
+            results.append(_judge(task_meta["task_type"], data[idx].get("gold"), rows, starts, ends,
+                                  losses[sl], predictions[sl]))
+            offset += len(rows)
+        pending.clear()
+
+    for idx in indices:
+        rows, starts, ends = prepare_item(idx, data, tokenizer, task_meta, max_len)
+        if pending and sum(len(p[1]) for p in pending) + len(rows) > batch_size:
+            flush()
+        pending.append((idx, rows, starts, ends))
+    if pending:
+        flush()
+    return results
+
+
+def evaluate_task(model, tokenizer, data: list[dict], device, task_meta: dict, batch_size: int = 8) -> float:
+    """Accuracy on `data` (task_meta: task_type, num_fewshot, continuation_delimiter). Rank r
+    scores items r, r + world_size, ...; the per-item results are summed over ranks."""
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    indices = list(range(rank, len(data), world_size))
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    for idx, ok in zip(indices, score_items(model, tokenizer, data, indices, device, task_meta, batch_size)):
+        correct[idx] = float(ok)
+    if world_size > 1:
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item()
+
+
+def evaluate_core(model, tokenizer, device, max_per_task: int = -1, bundle_dir: str | None = None,
+                  batch_size: int = 8) -> dict:
+    """Every task of the bundle -> {"results": {label: accuracy}, "centered_results": {label:
+    centered}, "core_metric": mean centered, "num_examples": {label: n}, "seconds": {label: s}}.
+    max_per_task <= 0 means all items."""
+    tasks = load_bundle(bundle_dir or get_eval_bundle_dir())
+    out = {"results": {}, "centered_results": {}, "core_metric": 0.0, "num_examples": {}, "seconds": {}}
+    for task in tasks:
+        t0 = time.time()
+        data = load_task_data(task["dataset_path"], task["task_type"])
+        random.Random(1337).shuffle(data)
+        if max_per_task > 0:
+            data = data[:max_per_task]
+        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size)
+        baseline = task["random_baseline"] / 100
+        centered = (accuracy - baseline) / (1 - baseline)
+        label = task["label"]
+        out["results"][label], out["centered_results"][label] = accuracy, centered
+        out["num_examples"][label], out["seconds"][label] = len(data), time.time() - t0
+        print0(f"{label:<36} {task['num_fewshot']:>2}-shot {task['task_type']:<17} accuracy {accuracy:.4f} | "
+               f"centered {centered:+.4f} | {len(data)} items in {out['seconds'][label]:.1f}s")
+    out["core_metric"] = sum(out["centered_results"].values()) / len(tasks)
+    return out
