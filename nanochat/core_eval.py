@@ -166,6 +166,8 @@ def load_bundle(bundle_dir: str) -> list[dict]:
             if key not in task:
                 raise BundleError(f"{where}: task {task.get('label', '?')!r} has no '{key}'")
         label, task_type = task["label"], task["icl_task_type"]
+        if any(t["label"] == label for t in tasks):
+            raise BundleError(f"{at('label')}: task label {label!r} appears twice")
         if task_type not in TASK_TYPES:
             raise BundleError(f"{at('icl_task_type')}: task {label!r} has unknown icl_task_type {task_type!r} "
                               f"(expected one of {', '.join(TASK_TYPES)})")

@@ -336,6 +336,9 @@ def test_bundle_errors_name_file_and_line(bundle, monkeypatch):
     yaml_path.write_text(original.replace("label: copa", "label: copa_new"))
     with pytest.raises(BundleError, match=r"core.yaml:9: task 'copa_new' has no 'Random baseline' row in .*eval_meta_data.csv"):
         load_bundle(str(bundle))
+    yaml_path.write_text(original.replace("label: lambada_openai", "label: copa"))
+    with pytest.raises(BundleError, match=r"core.yaml:14: task label 'copa' appears twice"):
+        load_bundle(str(bundle))
     yaml_path.write_text(original.replace("num_fewshot: [0]", "num_fewshot: zero", 1))
     with pytest.raises(BundleError, match=r"core.yaml:11: task 'copa': num_fewshot must be an int"):
         load_bundle(str(bundle))
