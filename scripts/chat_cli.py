@@ -14,7 +14,8 @@ Design choices:
 - The prompt is the whole conversation rendered by the tokenizer (`render_for_completion`) each turn;
   the Engine's KV cache makes that one prefill per turn.
 - Text is printed through an incremental UTF-8 decoder fed with each token's raw bytes, so a
-  character split over several tokens (emoji, CJK with a small vocabulary) prints once, whole.
+  character split over several tokens (emoji, CJK with a small vocabulary) prints once, whole
+  (the same as chat_web's StreamDecoder).
 - Each reply uses a fresh random seed, so asking again gives a different sample (at temperature > 0).
 """
 
@@ -65,27 +66,37 @@ stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_tok
 token_bytes = tokenizer.enc.decode_single_token_bytes
 
 
-def reply_to(messages: list[dict]) -> str:
-    """Stream the assistant's reply to `messages` (ending with a user message) to stdout; return it.
-    Ctrl-C stops it early and returns what was written."""
+def stream_reply(messages: list[dict]):
+    """Yield the text of the assistant's reply to `messages` (ending with a user message) as it is
+    generated, in whole characters."""
     tokens = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     if len(tokens) >= context_len:
         raise ValueError(f"the conversation is {len(tokens)} tokens, more than the model reads ({context_len})")
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # the bytes of a character cut by max_tokens stay in it
+    with torch.inference_mode(), compute.autocast():
+        for token_column, _ in engine.generate(tokens, num_samples=1, temperature=args.temperature,
+                                               top_k=args.top_k or None, seed=secrets.randbelow(2**31),
+                                               max_tokens=min(args.max_tokens, context_len - len(tokens))):
+            if token_column[0] in stop_ids:
+                break
+            if text := utf8.decode(token_bytes(token_column[0])):
+                yield text
+
+
+def print_reply(messages: list[dict], prefix: str = "") -> str | None:
+    """Stream the reply to stdout; return it (cut short by Ctrl-C), or None if it could not be made."""
     pieces = []
     try:
-        with torch.inference_mode(), compute.autocast():
-            for token_column, _ in engine.generate(tokens, num_samples=1, temperature=args.temperature,
-                                                   top_k=args.top_k or None, seed=secrets.randbelow(2**31),
-                                                   max_tokens=min(args.max_tokens, context_len - len(tokens))):
-                if token_column[0] in stop_ids:
-                    break
-                pieces.append(utf8.decode(token_bytes(token_column[0])))
-                print(pieces[-1], end="", flush=True)
+        print(prefix, end="", flush=True)
+        for text in stream_reply(messages):
+            pieces.append(text)
+            print(text, end="", flush=True)
     except KeyboardInterrupt:
         print(" [stopped]", end="")
-    pieces.append(utf8.decode(b"", final=True))
-    print(pieces[-1], flush=True)
+    except ValueError as e:
+        print(f"\n(chat_cli: {e}; type 'clear' to start a new conversation)")
+        return None
+    print(flush=True)
     return "".join(pieces)
 
 
@@ -96,12 +107,7 @@ if args.prompt is not None:
     if not args.prompt.strip():
         print("chat_cli: -p needs a non-empty prompt", file=sys.stderr)
         sys.exit(2)
-    try:
-        reply_to([{"role": "user", "content": args.prompt}])
-    except ValueError as e:
-        print(f"chat_cli: {e}", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(0)
+    sys.exit(0 if print_reply([{"role": "user", "content": args.prompt}]) is not None else 1)
 
 print(f"nanochat {args.source} model (step {meta['step']}) on {compute.device}. "
       f"Type 'clear' for a new conversation, 'quit' or Ctrl-D to leave.")
@@ -120,11 +126,7 @@ while True:
         continue
     if not text:
         continue
-    messages.append({"role": "user", "content": text})
-    print("\nAssistant: ", end="", flush=True)
-    try:
-        messages.append({"role": "assistant", "content": reply_to(messages)})
-    except ValueError as e:
-        messages.pop()
-        print(f"\n(chat_cli: {e}; type 'clear' to start a new conversation)")
+    reply = print_reply(messages + [{"role": "user", "content": text}], prefix="\nAssistant: ")
+    if reply is not None:
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 print("Bye.")

@@ -73,7 +73,9 @@ class StreamDecoder:
     """Token ids in, text out, never half a character. A token can be part of a multi-byte character
     (an emoji is 4 bytes, often split over several tokens of a small vocabulary): each token's raw
     bytes go through Python's incremental UTF-8 decoder, which holds back an incomplete sequence until
-    the rest arrives. Concatenated, the pieces equal tokenizer.decode(all ids) (tested)."""
+    the rest arrives (invalid bytes become U+FFFD as soon as they are known to be invalid). The bytes
+    of a character left unfinished at the end of a reply (cut by max_tokens) are never sent.
+    Concatenated, the pieces equal tokenizer.decode(ids) less that unfinished tail (tested)."""
 
     def __init__(self, tokenizer):
         self.token_bytes = tokenizer.enc.decode_single_token_bytes  # raw bytes, specials included
@@ -81,10 +83,6 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         return self.utf8.decode(self.token_bytes(token))
-
-    def flush(self) -> str:
-        """At the end of a reply: bytes still held back (a truly broken sequence shows as U+FFFD)."""
-        return self.utf8.decode(b"", final=True)
 
 
 # -----------------------------------------------------------------------------
@@ -397,9 +395,6 @@ def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":
                         if text := decoder.push(token):
                             reply.append(text)
                             put("text", text)
-                if text := decoder.flush():
-                    reply.append(text)
-                    put("text", text)
                 put("end", finish, n)
                 dt = time.time() - t0
                 logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {dt:.2f}s "

@@ -1,0 +1,242 @@
+"""
+The chat UI (nanochat/ui.html) in a real browser: Playwright driving Debian's Chromium
+(/usr/bin/chromium; install it with `bash dev/install_browser.sh`, never `playwright install`)
+against `python -m scripts.chat_web` on 127.0.0.1 serving the tiny trained chat model of
+tests/test_chat_web.py. Screenshots (desktop and phone) go to the test's tmp dir and, when
+$NANOCHAT_ARTIFACTS is set, there too.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from test_chat_web import HI_REPLY, SING_CHUNK, chat_base_dir, run_server  # noqa: F401  (chat_base_dir: a fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found: run `bash dev/install_browser.sh` (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(chat_base_dir, tmp_path_factory):
+    with run_server(chat_base_dir, tmp_path_factory.mktemp("browser_logs"), "-m", "24") as server:
+        yield server
+
+
+class Page:
+    """A browser tab on the UI that records the bodies it POSTs to /chat/completions."""
+
+    def __init__(self, browser, url, viewport=DESKTOP, color_scheme="light"):
+        self.page = browser.new_page(viewport=viewport, color_scheme=color_scheme)
+        self.page.set_default_timeout(20_000)
+        self.errors, self.posts = [], []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.posts.append(json.loads(r.post_data))
+                     if r.method == "POST" and r.url.endswith("/chat/completions") else None)
+        self.page.goto(url)
+        self.page.wait_for_function("document.getElementById('model-name').textContent.length > 0")
+
+    def send(self, text):
+        self.page.fill("#input", text)
+        self.page.press("#input", "Enter")
+
+    def wait_idle(self):  # the reply finished: the regenerate/retry button is back
+        self.page.wait_for_selector("#regenerate")
+
+    def texts(self, selector):
+        return self.page.locator(selector).all_inner_texts()
+
+    def close(self):
+        assert not self.errors, self.errors
+        self.page.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = Page(browser, server.url)
+    yield page
+    page.close()
+
+
+def save_screenshot(page, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    page.page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("NANOCHAT_ARTIFACTS"):
+        os.makedirs(os.environ["NANOCHAT_ARTIFACTS"], exist_ok=True)
+        shutil.copy(path, os.path.join(os.environ["NANOCHAT_ARTIFACTS"], path.name))
+    assert path.stat().st_size > 5_000
+    return path
+
+
+def test_type_send_and_watch_the_reply_stream_in(page, tmp_path):
+    assert page.page.is_visible("#empty")
+    # record every state of the reply as it is rendered, to see it grow token by token
+    page.page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+        const el = document.querySelector('.msg.assistant'); if (el) window.seen.push(el.textContent);
+      }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true}); }""")
+    page.send("hi")
+    page.wait_idle()
+    assert page.texts(".msg.user .bubble") == ["hi"]
+    assert page.texts(".msg.assistant") == [HI_REPLY]
+    seen = [s for s in page.page.evaluate("window.seen") if s]
+    assert len(set(seen)) >= 3, seen  # partial replies were shown before the whole one
+    assert all(HI_REPLY.startswith(s) for s in seen)
+    assert not any("\ufffd" in s for s in seen)  # never half an emoji
+    assert page.page.input_value("#input") == "" and not page.page.is_visible("#empty")
+    assert page.posts == [{"messages": [{"role": "user", "content": "hi"}]}]
+    save_screenshot(page, tmp_path, "chat_desktop")
+
+
+def test_shift_enter_adds_a_line_and_the_input_grows(page):
+    box = page.page.locator("#input")
+    height = box.bounding_box()["height"]
+    box.type("first line")
+    for _ in range(3):
+        box.press("Shift+Enter")
+    box.type("last line")
+    assert page.page.input_value("#input") == "first line\n\n\nlast line"
+    assert box.bounding_box()["height"] > height + 30
+    assert page.posts == [] and page.texts(".msg") == []
+    assert page.page.is_disabled("#send") is False
+
+
+def test_edit_a_message_truncates_and_resends(page):
+    page.send("hi")
+    page.wait_idle()
+    page.send("sing")
+    page.wait_idle()
+    assert page.texts(".msg.user .bubble") == ["hi", "sing"]
+    page.page.click(".msg.user .bubble >> nth=0")
+    page.page.fill("#edit-box", "sing")
+    page.page.click("#edit-save")
+    page.wait_idle()
+    assert page.texts(".msg.user .bubble") == ["sing"]  # the later turns are gone
+    [reply] = page.texts(".msg.assistant")
+    assert reply and (SING_CHUNK * 12).startswith(reply)
+    assert page.posts[-1]["messages"] == [{"role": "user", "content": "sing"}]
+    # Escape cancels an edit
+    page.page.click(".msg.user .bubble")
+    page.page.press("#edit-box", "Escape")
+    assert page.texts(".msg.user .bubble") == ["sing"]
+
+
+def test_regenerate_replaces_the_last_reply(page):
+    page.send("hi")
+    page.wait_idle()
+    page.send("/temperature 0")
+    page.page.click("#regenerate")
+    page.wait_idle()
+    assert page.texts(".msg.assistant") == [HI_REPLY]  # replaced, not appended
+    assert len(page.posts) == 2 and page.posts[1] == {"messages": [{"role": "user", "content": "hi"}],
+                                                      "temperature": 0}
+
+
+def test_slash_commands(page):
+    page.send("/help")
+    assert "/temperature" in page.texts(".msg.notice")[-1] and "/topk" in page.texts(".msg.notice")[-1]
+    page.send("/temperature 0.5")
+    assert page.texts(".msg.notice")[-1] == "Temperature set to 0.5."
+    page.send("/topk 7")
+    assert page.texts(".msg.notice")[-1] == "Top-k set to 7."
+    page.send("/topk 1.5")
+    assert "whole number from 0 to 200" in page.texts(".msg.notice")[-1]
+    page.send("/temperature 9")
+    assert "from 0 to 2" in page.texts(".msg.notice")[-1]
+    page.send("/nope")
+    assert "Unknown command /nope" in page.texts(".msg.notice")[-1]
+    assert page.posts == []  # commands never reach the model
+    page.send("hi")
+    page.wait_idle()
+    assert page.posts[-1] == {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "top_k": 7}
+    page.page.reload()  # settings persist in localStorage
+    page.page.wait_for_selector("#empty")
+    page.send("/temperature")
+    assert page.texts(".msg.notice")[-1].startswith("Temperature: 0.5")
+    page.send("/clear")
+    assert page.texts(".msg") == [] and page.page.is_visible("#empty")
+    page.send("/temperature default")
+    page.send("/topk default")
+    page.send("hi")
+    page.wait_idle()
+    assert page.posts[-1] == {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_new_chat_button(page):
+    page.send("hi")
+    page.wait_idle()
+    page.page.click("#new-chat")
+    assert page.texts(".msg") == [] and page.page.is_visible("#empty")
+    assert page.page.evaluate("document.activeElement.id") == "input"
+
+
+def test_server_error_shows_its_message_in_the_banner(page):
+    page.send("x" * 8_001)
+    page.page.wait_for_selector("#banner:not([hidden])")
+    assert "too long" in page.page.inner_text("#banner-text") and "400" in page.page.inner_text("#banner-text")
+    assert page.texts(".msg.assistant") == []  # no empty reply left behind
+    assert page.page.inner_text("#regenerate") == "↻ Retry"
+    page.page.click("#banner-close")
+    assert page.page.is_hidden("#banner")
+
+
+def test_error_banner_when_the_server_is_stopped(browser, chat_base_dir, tmp_path):
+    with run_server(chat_base_dir, tmp_path, "-m", "8") as server:
+        page = Page(browser, server.url)
+        page.send("hi")
+        page.wait_idle()
+        server.stop()
+        page.send("hi again")
+        page.page.wait_for_selector("#banner:not([hidden])")
+        assert "Cannot reach the server" in page.page.inner_text("#banner-text")
+        assert page.texts(".msg.user .bubble") == ["hi", "hi again"]
+        assert page.page.inner_text("#regenerate") == "↻ Retry"
+        save_screenshot(page, tmp_path, "error_banner")
+        page.close()
+
+
+def test_phone_viewport(browser, server, tmp_path):
+    page = Page(browser, server.url, viewport=PHONE, color_scheme="dark")
+    page.send("hi")
+    page.wait_idle()
+    page.send("sing")
+    page.wait_idle()
+    width = page.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"horizontal scrolling on a phone: {width}px"
+    box = page.page.locator("#composer").bounding_box()
+    assert box["y"] + box["height"] <= PHONE["height"] and box["width"] <= PHONE["width"]
+    assert page.page.is_visible("#new-chat")
+    save_screenshot(page, tmp_path, "chat_phone")
+    page.close()
+
+
+def test_accessibility_basics(page):
+    assert page.page.locator("label[for=input]").count() == 1
+    for selector in ("#send", "#new-chat", "#banner-close"):
+        assert page.page.get_attribute(selector, "aria-label")
+    assert page.page.get_attribute("#messages", "role") == "log"
+    page.send("hi")
+    page.wait_idle()
+    page.page.focus("#input")  # the keyboard reaches the user's message (a button) to edit it
+    page.page.keyboard.press("Shift+Tab")
+    for _ in range(6):
+        if page.page.evaluate("document.activeElement.className") == "bubble":
+            break
+        page.page.keyboard.press("Shift+Tab")
+    assert page.page.evaluate("document.activeElement.className") == "bubble"
+    page.page.keyboard.press("Enter")
+    assert page.page.is_visible("#edit-box")
