@@ -252,17 +252,18 @@ def render_prompts_lm(item: dict, delimiter: str, fewshot: list[dict]) -> list[s
 
 def _common_length(seqs: list[list[int]], from_end: bool) -> int:
     """How many leading (or trailing) tokens all sequences share."""
-    n = min(len(s) for s in seqs)
-    for k in range(n):
-        i = -1 - k if from_end else k
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return k
+    columns = zip(*(reversed(s) for s in seqs)) if from_end else zip(*seqs)  # stops at the shortest
+    n = 0
+    for column in columns:
+        if len(set(column)) > 1:
+            break
+        n += 1
     return n
 
 
 def tokenize_example(tokenizer, prompts: list[str], task_type: str) -> tuple[list[list[int]], list[int], list[int]]:
     """(token rows, span starts, span ends): row r is scored on tokens [start_r, end_r)."""
-    tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    tokens = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]  # a few short texts
     if task_type == "multiple_choice":
         start = _common_length(tokens, from_end=False)
         rows, starts, ends = tokens, [start] * len(tokens), [len(t) for t in tokens]
@@ -296,30 +297,36 @@ def crop_left(rows: list[list[int]], starts: list[int], ends: list[int], max_len
 
 
 @torch.no_grad()
-def forward_losses(model, rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows into one batch; (losses, predictions), both (B, T): losses[b, t] is the
-    cross-entropy of token t + 1 given tokens <= t, predictions[b, t] the argmax there."""
+def forward_spans(model, rows: list[list[int]], starts: list[int], ends: list[int], pad_id: int,
+                  device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-pad the rows into one (B, T) batch and run the model once. For each row, over its span
+    [start, end): (the cross-entropy of each span token given the tokens before it, the argmax
+    prediction at the position before each span token). Only span positions get a softmax."""
     T = max(len(r) for r in rows)
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     for b, row in enumerate(rows):
         idx[b, :len(row)] = torch.tensor(row, dtype=torch.long)
     idx = idx.to(device)
-    logits = model(idx).float()  # (B, T, V)
-    B, T, V = logits.shape
-    targets = torch.roll(idx, shifts=-1, dims=1)  # (B, T); the last column is junk, never read
-    losses = F.cross_entropy(logits.view(B * T, V), targets.view(B * T), reduction="none").view(B, T)
-    return losses.cpu(), logits.argmax(dim=-1).cpu()
+    logits = model(idx)  # (B, T, V)
+    b_idx = [b for b, (s, e) in enumerate(zip(starts, ends)) for _ in range(s, e)]
+    t_idx = [t for s, e in zip(starts, ends) for t in range(s - 1, e - 1)]  # position t predicts t + 1
+    span_logits = logits[b_idx, t_idx].float()  # (N, V), N = total span length
+    targets = idx[b_idx, [t + 1 for t in t_idx]]  # (N,)
+    losses = F.cross_entropy(span_logits, targets, reduction="none").cpu()
+    predictions = span_logits.argmax(dim=-1).cpu()
+    sizes = [e - s for s, e in zip(starts, ends)]
+    return list(zip(losses.split(sizes), predictions.split(sizes)))
 
 
-def _judge(task_type: str, gold: int | None, rows, starts, ends, losses, predictions) -> bool:
-    """Is this one item right, given its rows' losses and predictions?"""
+def _judge(task_type: str, gold: int | None, rows, starts, ends, spans) -> bool:
+    """Is this one item right, given (losses, predictions) over each row's span?"""
     if task_type == "language_modeling":
-        s, e = starts[0], ends[0]
-        return bool(torch.equal(predictions[0, s - 1:e - 1], torch.tensor(rows[0][s:e])))
+        (_, predictions), s, e = spans[0], starts[0], ends[0]
+        return predictions.tolist() == rows[0][s:e]
     # float64 means: equal per-token losses give exactly equal means whatever the span length,
     # so a tie is a true tie and goes to the lowest index.
-    mean_losses = [losses[r, s - 1:e - 1].double().mean().item() for r, (s, e) in enumerate(zip(starts, ends))]
-    return mean_losses.index(min(mean_losses)) == gold  # ties: the lowest index wins
+    mean_losses = [losses.double().mean().item() for losses, _ in spans]
+    return mean_losses.index(min(mean_losses)) == gold
 
 
 def prepare_item(idx: int, data: list[dict], tokenizer, task_meta: dict, max_len: int | None):
@@ -347,13 +354,12 @@ def score_items(model, tokenizer, data: list[dict], indices: list[int], device, 
     results, pending = [], []  # pending: (idx, rows, starts, ends)
 
     def flush():
-        all_rows = [row for _, rows, _, _ in pending for row in rows]
-        losses, predictions = forward_losses(model, all_rows, pad_id, device)
+        spans = forward_spans(model, [r for p in pending for r in p[1]], [s for p in pending for s in p[2]],
+                              [e for p in pending for e in p[3]], pad_id, device)
         offset = 0
         for idx, rows, starts, ends in pending:
-            sl = slice(offset, offset + len(rows))
             results.append(_judge(task_meta["task_type"], data[idx].get("gold"), rows, starts, ends,
-                                  losses[sl], predictions[sl]))
+                                  spans[offset:offset + len(rows)]))
             offset += len(rows)
         pending.clear()
 
