@@ -1,0 +1,284 @@
+"""
+Supervised fine-tuning (SFT): train the midtrained model on whole conversations, one per row, with
+the loss only on the assistant's tokens.
+
+Run:
+    python -m scripts.chat_sft                                      # one GPU, from the mid checkpoint
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft
+    python -m scripts.chat_sft --device_type=cpu --max_seq_len=256 --device_batch_size=4 \\
+        --target_examples_per_step=8 --num_iterations=50 --eval_every=25 --eval_steps=4 \\
+        --eval_metrics_every=-1                                     # a laptop CPU
+    python -m scripts.chat_sft --source=base                        # skip midtraining
+
+Data (tasks/): ARC-Easy train + ARC-Challenge train + GSM8K train + the first 10K SmolTalk train
+conversations, shuffled together with a fixed seed; validation: SmolTalk test.
+
+Batches: each row is one conversation rendered with its mask (tokenizer.render_conversation, cut
+at max_seq_len + 1 tokens), right-padded; targets are -1 where the next token's mask is 0 (user
+turns, tool outputs) and in the padding (nanochat.chat_evaluation.collate_masked). A conversation
+whose assistant tokens all fall beyond max_seq_len teaches nothing and is skipped. Rank r takes
+conversations r, r + world_size, ...; gradients accumulate over
+target_examples_per_step / (device_batch_size · world_size) fwd/bwd passes (must divide).
+
+Horizon: --num_epochs passes (--num_iterations > 0 overrides). LR: base LR · --init_lr_frac (0.02),
+linear to zero over the run. Every --eval_every steps: val loss on --eval_steps batches; every
+--eval_metrics_every steps and at the end: MMLU and ARC-Easy accuracy on at most
+--eval_metrics_max_problems questions (categorical evaluation, as chat_eval does it).
+Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
+"""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, run_categorical_eval
+from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, load_checkpoint, load_model,
+                                         save_checkpoint)
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0
+from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.report import get_report
+from nanochat.schedules import lr_multiplier
+from tasks.arc import ARC
+from tasks.common import TaskMixture
+from tasks.gsm8k import GSM8K
+from tasks.smoltalk import SmolTalk
+
+# -----------------------------------------------------------------------------
+# Flags
+
+DEFAULTS = dict(
+    run="dummy",  # wandb run name; "dummy" = no wandb
+    device_type="",  # cuda | mps | cpu; empty = autodetect
+    # the checkpoint to start from; its tag is also the output tag
+    source="mid",  # mid | base
+    model_tag="",  # default: the largest model of the source stage
+    step=-1,  # source checkpoint step; -1 = the latest
+    # optimisation
+    max_seq_len=2048,  # conversations are cut at max_seq_len + 1 tokens
+    device_batch_size=4,
+    num_epochs=1,
+    num_iterations=-1,  # -1 = num_epochs passes over the mixture
+    target_examples_per_step=32,
+    embedding_lr=0.2,
+    unembedding_lr=0.004,
+    matrix_lr=0.02,
+    weight_decay=0.0,
+    init_lr_frac=0.02,
+    # evaluation and checkpoints
+    eval_every=100,
+    eval_steps=100,
+    eval_metrics_every=200,
+    eval_metrics_max_problems=1024,
+    save_every=-1,  # also save every N steps (for --resume_from_step); the final step is always saved
+    resume_from_step=-1,
+)
+cfg = parse_flags(DEFAULTS, doc=__doc__)
+user_config = vars(cfg).copy()
+if cfg.source not in ("mid", "base"):
+    raise FlagError(f"--source must be mid or base (got {cfg.source!r})")
+
+# -----------------------------------------------------------------------------
+# Compute, logging
+
+compute = compute_init(cfg.device_type)
+device, master = compute.device, compute.master_process
+print_flags(cfg, DEFAULTS)
+examples_per_fwdbwd = cfg.device_batch_size * compute.world_size
+if cfg.target_examples_per_step % examples_per_fwdbwd != 0:
+    raise FlagError(f"--target_examples_per_step={cfg.target_examples_per_step} must be a multiple of "
+                    f"device_batch_size · world_size = {cfg.device_batch_size} · {compute.world_size}")
+grad_accum_steps = cfg.target_examples_per_step // examples_per_fwdbwd
+wandb_run = get_wandb(cfg.run, project="nanochat-sft", config=user_config, master_process=master)
+report = get_report()
+
+# -----------------------------------------------------------------------------
+# Model: the mid (or base) checkpoint, or our own when resuming
+
+checkpoints_root = os.path.join(get_base_dir(), "chatsft_checkpoints")
+resuming = cfg.resume_from_step >= 0
+if resuming:
+    model_tag = cfg.model_tag or find_largest_model(checkpoints_root)
+    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
+    print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
+    model, tokenizer, meta = build_model(checkpoint_dir, cfg.resume_from_step, device, phase="train")
+    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device, load_optimizer=True,
+                                           rank=compute.rank)
+    if len(meta["dataloader_state"]) != compute.world_size:
+        raise FlagError(f"the checkpoint was saved by {len(meta['dataloader_state'])} rank(s); resume with as many")
+    start_source = meta["start_source"]
+else:
+    model, tokenizer, meta = load_model(cfg.source, device, phase="train", model_tag=cfg.model_tag or None,
+                                        step=None if cfg.step < 0 else cfg.step)
+    model_tag = cfg.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[cfg.source][0]))
+    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
+    start_source = {"source": cfg.source, "model_tag": model_tag, "step": meta["step"]}
+model_config = meta["model_config"]
+print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
+
+# -----------------------------------------------------------------------------
+# Optimisers: every LR scaled by init_lr_frac
+
+optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+if resuming:
+    for opt, state in zip(optimizers, optimizer_data):
+        opt.load_state_dict(state)
+    del optimizer_data
+
+# -----------------------------------------------------------------------------
+# Data: the SFT mixture, one conversation per row
+
+train_dataset = TaskMixture([ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("train"),
+                             SmolTalk("train", stop=10_000)])
+val_dataset = SmolTalk("test")
+for name, dataset in (("train", train_dataset), ("val", val_dataset)):
+    if len(dataset) < compute.world_size:
+        raise ValueError(f"the {name} set has {len(dataset)} conversations, fewer than the {compute.world_size} ranks")
+pad_id = tokenizer.get_bos_token_id()  # any id: padded positions have target -1
+skipped = {"train": 0, "val": 0}  # conversations with nothing to learn within max_seq_len, this rank
+
+
+def sft_batches(split: str, state: dict | None = None):
+    """Yield (inputs (B, T), targets (B, T), state) with this rank's conversations rank,
+    rank + world_size, ... of the split; `state` (epoch, index of the next conversation) restarts
+    the stream exactly. train loops over epochs; val is one pass, ending with a possibly smaller batch."""
+    dataset, loop = (train_dataset, True) if split == "train" else (val_dataset, False)
+    epoch, index = (state["epoch"], state["index"]) if state else (0, compute.rank)
+    rows = []
+    while True:
+        if index >= len(dataset):
+            if not loop:
+                break
+            epoch, index = epoch + 1, compute.rank
+        ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=cfg.max_seq_len + 1)
+        index += compute.world_size
+        if not any(mask[1:]):
+            skipped[split] += 1
+            continue
+        rows.append((ids, mask))
+        if len(rows) == cfg.device_batch_size:
+            yield *collate_masked(rows, pad_id, device), dict(epoch=epoch, index=index)
+            rows = []
+    if rows:
+        yield *collate_masked(rows, pad_id, device), dict(epoch=epoch, index=index)
+
+
+if cfg.num_iterations > 0:
+    num_iterations = cfg.num_iterations
+else:
+    num_iterations = len(train_dataset) // cfg.target_examples_per_step * cfg.num_epochs
+    if num_iterations < 1:
+        raise FlagError(f"{len(train_dataset)} conversations x {cfg.num_epochs} epoch(s) make no step of "
+                        f"{cfg.target_examples_per_step} examples: lower --target_examples_per_step")
+print0(f"train mixture: {len(train_dataset):,} conversations, val: {len(val_dataset):,}; {num_iterations} steps "
+       f"of {cfg.target_examples_per_step} examples = {cfg.device_batch_size} per fwd/bwd x {compute.world_size} "
+       f"rank(s) x {grad_accum_steps} accumulation step(s)")
+loop_state = meta["loop_state"] if resuming else {}
+dataloader_state = meta["dataloader_state"][compute.rank] if resuming else None
+train_loader = sft_batches("train", state=dataloader_state)
+
+
+@torch.no_grad()
+def evaluate_val_loss() -> float:
+    """Mean of the per-batch val losses over the first eval_steps batches of every rank."""
+    total, count = 0.0, 0
+    for b, (x, y, _) in enumerate(sft_batches("val")):
+        if b == cfg.eval_steps:
+            break
+        with compute.autocast():
+            total += model(x, y).item()
+        count += 1
+    total, count = all_reduce_sum([total, count], device)
+    if count == 0:
+        raise ValueError(f"no validation conversation has an assistant token within {cfg.max_seq_len + 1} tokens: "
+                         f"raise --max_seq_len")
+    return total / count
+
+
+# -----------------------------------------------------------------------------
+# Training loop: step counts optimiser updates done so far
+
+step = cfg.resume_from_step if resuming else 0
+val_loss = loop_state.get("val_loss")
+metrics = loop_state.get("metrics", {})
+while True:
+    last_step = step == num_iterations
+
+    if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        model.eval()
+        val_loss = evaluate_val_loss()
+        print0(f"step {step:05d} | val loss {val_loss:.6f}")
+        wandb_run.log({"step": step, "val/loss": val_loss})
+        model.train()
+
+    if cfg.eval_metrics_every > 0 and (last_step or (step > 0 and step % cfg.eval_metrics_every == 0)):
+        model.eval()
+        with compute.autocast():
+            for name in ("MMLU", "ARC-Easy"):
+                metrics[name] = run_categorical_eval(load_task(name), model, tokenizer, cfg.device_batch_size * 2,
+                                                     cfg.eval_metrics_max_problems, name)
+        print0(f"step {step:05d} | " + " | ".join(f"{name} acc {acc:.4f}" for name, acc in metrics.items()))
+        wandb_run.log({"step": step, **{f"val/{name}_acc": acc for name, acc in metrics.items()}})
+        model.train()
+
+    if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+        states = [None] * compute.world_size
+        if compute.ddp:
+            dist.all_gather_object(states, dataloader_state)
+        else:
+            states = [dataloader_state]
+        save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
+                        dict(model_config=model_config, user_config=user_config, val_loss=val_loss, metrics=metrics,
+                             start_source=start_source, dataloader_state=states,
+                             loop_state=dict(val_loss=val_loss, metrics=metrics)),
+                        rank=compute.rank)
+
+    if last_step:
+        break
+
+    # one optimiser step over target_examples_per_step conversations
+    t0 = time.time()
+    train_loss, num_tokens = 0.0, 0
+    for micro_step in range(grad_accum_steps):
+        x, y, dataloader_state = next(train_loader)
+        with compute.autocast():
+            loss = model(x, y)  # mean over this batch's trained (target != -1) tokens
+        train_loss += loss.detach() / grad_accum_steps
+        (loss / grad_accum_steps).backward()
+        num_tokens += int((y >= 0).sum())
+    for opt in optimizers:
+        opt.reduce_gradients()  # average across ranks (no-op on one rank)
+    lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = train_loss.item()
+    num_tokens = int(all_reduce_sum([num_tokens], device)[0])
+    compute.synchronize()
+    dt = time.time() - t0
+    step += 1
+    print0(f"step {step:05d}/{num_iterations:05d} | train loss {train_loss:.6f} | lrm {lrm:.4f} | "
+           f"trained tokens {num_tokens:,} | dt {dt * 1000:.2f}ms")
+    wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/num_tokens": num_tokens})
+
+# -----------------------------------------------------------------------------
+# Report, cleanup
+
+print0(f"conversations skipped on rank 0 (no assistant token within {cfg.max_seq_len + 1} tokens): "
+       f"{skipped['train']} in training, {skipped['val']} in validation passes")
+report.log(section="Chat SFT", data=[
+    user_config,
+    {"start model": f"{start_source['source']} {start_source['model_tag']} step {start_source['step']}",
+     "train conversations": len(train_dataset), "iterations": num_iterations, "DDP world size": compute.world_size},
+    {"final val loss": val_loss, **{f"{name} accuracy": acc for name, acc in metrics.items()}},
+])
+wandb_run.finish()
+compute_cleanup()

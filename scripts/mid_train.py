@@ -1,0 +1,357 @@
+"""
+Midtraining: teach the base model the chat format, multiple-choice answers and calculator tool use,
+by training it for one epoch on a mixture of rendered conversations packed like pretraining text.
+
+Run:
+    python -m scripts.mid_train                                     # one GPU (gradient accumulation)
+    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --device_batch_size=16
+    python -m scripts.mid_train --device_type=cpu --max_seq_len=256 --device_batch_size=4 \\
+        --total_batch_size=4096 --num_iterations=100 --eval_every=50 --eval_tokens=65536   # a laptop CPU
+    python -m scripts.mid_train --resume_from_step=400              # continue a run saved with --save_every
+
+Data (tasks/): SmolTalk train (general chat), multiple-choice questions (MMLU auxiliary_train,
+~100K), GSM8K train (math with calculator calls), plus your own conversations with
+--custom_jsonl=a.jsonl,b.jsonl (tasks/customjson.py). Validation: SmolTalk test, the first 5,200
+MMLU test questions and the first 420 GSM8K test problems.
+--mcq_data picks the multiple-choice part: `auxiliary_train` (required), `standin` (MMLU dev +
+validation + ARC-Easy/Challenge train) or `auto` (default): auxiliary_train, unless the local data
+dir ($NANOCHAT_DATA_DIR) has no copy of it, in which case the stand-in is used and a warning says
+so. (A failed Hugging Face download is an error, never a silent switch.)
+
+Packing: conversations are rendered (BOS, <|user_start|> ... <|assistant_end|>) and concatenated
+into one token stream; each fwd/bwd takes device_batch_size · max_seq_len + 1 contiguous tokens,
+exactly like the pretraining loader, and every token is a target (midtraining is still next-token
+prediction; SFT is where the loss is restricted to the assistant's tokens). Rank r renders
+conversations r, r + world_size, ...
+
+Horizon: one epoch. Progress = fraction of the mixture consumed (the maximum over ranks, so every
+rank agrees on the LR and on when to stop); --num_iterations > 0 stops after that many steps instead.
+LR: initial LR = base LR · --init_lr_frac, constant, then linear decay to 0 over the last 20% of
+progress (nanochat.schedules.lr_multiplier, the base schedule: it only ever decays). Muon momentum
+ramps 0.85 -> 0.95 over 300 steps. Val bits-per-byte every --eval_every steps and at the end.
+Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (same tag as the base model by default).
+"""
+
+import os
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import build_model, find_largest_model, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import (compute_cleanup, compute_init, get_base_dir, get_device_name, get_peak_flops,
+                             get_wandb, print0)
+from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.tokenizer import get_token_bytes
+from tasks.arc import ARC
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+
+# -----------------------------------------------------------------------------
+# Flags
+
+DEFAULTS = dict(
+    run="dummy",  # wandb run name; "dummy" = no wandb
+    device_type="",  # cuda | mps | cpu; empty = autodetect
+    compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
+    # the base checkpoint to start from; also the output tag
+    model_tag="",  # default: the largest base model
+    step=-1,  # base checkpoint step; -1 = the latest
+    # data
+    mcq_data="auto",  # auto | auxiliary_train | standin (see the docstring)
+    custom_jsonl="",  # comma-separated JSONL files of your own conversations
+    # optimisation
+    max_seq_len=2048,
+    device_batch_size=32,
+    total_batch_size=524288,
+    num_iterations=-1,  # -1 = one epoch of the mixture
+    embedding_lr=0.2,
+    unembedding_lr=0.004,
+    matrix_lr=0.02,
+    weight_decay=0.0,
+    init_lr_frac=1.0,
+    # evaluation and checkpoints
+    eval_every=150,
+    eval_tokens=20 * 524288,
+    save_every=-1,  # also save every N steps (for --resume_from_step); the final step is always saved
+    resume_from_step=-1,
+)
+cfg = parse_flags(DEFAULTS, doc=__doc__)
+user_config = vars(cfg).copy()
+if cfg.mcq_data not in ("auto", "auxiliary_train", "standin"):
+    raise FlagError(f"--mcq_data must be auto, auxiliary_train or standin (got {cfg.mcq_data!r})")
+
+# -----------------------------------------------------------------------------
+# Compute, logging
+
+compute = compute_init(cfg.device_type)
+device, master = compute.device, compute.master_process
+print_flags(cfg, DEFAULTS)
+tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
+world_tokens_per_fwdbwd = tokens_per_fwdbwd * compute.world_size
+if cfg.total_batch_size % world_tokens_per_fwdbwd != 0:
+    raise FlagError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size · "
+                    f"max_seq_len · world_size = {cfg.device_batch_size} · {cfg.max_seq_len} · "
+                    f"{compute.world_size} = {world_tokens_per_fwdbwd}")
+grad_accum_steps = cfg.total_batch_size // world_tokens_per_fwdbwd
+wandb_run = get_wandb(cfg.run, project="nanochat-mid", config=user_config, master_process=master)
+report = get_report()
+
+# -----------------------------------------------------------------------------
+# Model: the base checkpoint (or our own, when resuming)
+
+checkpoints_root = os.path.join(get_base_dir(), "mid_checkpoints")
+resuming = cfg.resume_from_step >= 0
+if resuming:
+    model_tag = cfg.model_tag or find_largest_model(checkpoints_root)
+    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
+    print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
+    model, tokenizer, meta = build_model(checkpoint_dir, cfg.resume_from_step, device, phase="train")
+    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device, load_optimizer=True,
+                                           rank=compute.rank)
+    if meta["user_config"]["max_seq_len"] != cfg.max_seq_len or len(meta["dataloader_state"]) != compute.world_size:
+        raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']} on "
+                        f"{len(meta['dataloader_state'])} rank(s): resume with the same")
+    base_source = meta["base_source"]
+else:
+    model, tokenizer, meta = load_model("base", device, phase="train", model_tag=cfg.model_tag or None,
+                                        step=None if cfg.step < 0 else cfg.step)
+    model_tag = cfg.model_tag or find_largest_model(os.path.join(get_base_dir(), "base_checkpoints"))
+    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
+    base_source = {"model_tag": model_tag, "step": meta["step"]}
+model_config = meta["model_config"]
+orig_model = model  # uncompiled: for saving
+use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
+if use_compile:
+    model = torch.compile(model, dynamic=False)
+num_flops_per_token = orig_model.estimate_flops()
+print0(f"model: base {base_source['model_tag']} step {base_source['step']}, {model_config}, compile {use_compile}")
+print0(f"batch: {cfg.total_batch_size:,} tokens/step = {tokens_per_fwdbwd:,} per fwd/bwd x "
+       f"{compute.world_size} rank(s) x {grad_accum_steps} accumulation step(s)")
+
+# -----------------------------------------------------------------------------
+# Optimisers: the base recipe's, every LR scaled by init_lr_frac
+
+optimizers = orig_model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+if resuming:
+    for opt, state in zip(optimizers, optimizer_data):
+        opt.load_state_dict(state)
+    del optimizer_data
+
+# -----------------------------------------------------------------------------
+# Data: the mixtures and the packer
+
+
+def mcq_tasks():
+    """Multiple-choice training questions: MMLU auxiliary_train, or the stand-in (see docstring)."""
+    if cfg.mcq_data != "standin":
+        try:
+            return [MMLU("auxiliary_train", "train")], "MMLU auxiliary_train"
+        except FileNotFoundError as e:
+            if cfg.mcq_data == "auxiliary_train":
+                raise
+            print0("!" * 100)
+            print0(f"WARNING: MMLU auxiliary_train is not available ({e}).\nMidtraining uses the stand-in "
+                   f"multiple-choice data instead: MMLU dev + validation + ARC-Easy/ARC-Challenge train.")
+            print0("!" * 100)
+    return ([MMLU("all", "dev"), MMLU("all", "validation"), ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train")],
+            "stand-in: MMLU dev+validation, ARC-Easy/Challenge train")
+
+
+mcq, mcq_description = mcq_tasks()
+custom = [CustomJSON(path.strip()) for path in cfg.custom_jsonl.split(",") if path.strip()]
+train_dataset = TaskMixture([SmolTalk("train"), *mcq, GSM8K("train"), *custom])
+val_dataset = TaskMixture([SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("test", stop=420)])
+print0(f"train mixture: {len(train_dataset):,} conversations (multiple choice: {mcq_description}"
+       f"{', custom: ' + cfg.custom_jsonl if custom else ''}); val mixture: {len(val_dataset):,}")
+for name, dataset in (("train", train_dataset), ("val", val_dataset)):
+    if len(dataset) < compute.world_size:
+        raise ValueError(f"the {name} mixture has {len(dataset)} conversations, fewer than the {compute.world_size} ranks")
+
+
+def packed_batches(dataset, loop: bool, state: dict | None = None):
+    """Yield (inputs (B, T), targets (B, T), state, progress) from this rank's conversations
+    (rank, rank + world_size, ...) rendered and concatenated. `state` = the oldest conversation still
+    buffered (epoch, index) and how many of its tokens are consumed: it restarts the stream exactly.
+    progress = epoch + index / len(dataset). loop=False: one pass, the last partial batch dropped."""
+    B, T = cfg.device_batch_size, cfg.max_seq_len
+    needed = B * T + 1
+    epoch, index, skip = (state["epoch"], state["index"], state["token_offset"]) if state else (0, compute.rank, 0)
+    chunks = deque()  # [((epoch, index), 1-D tensor of the conversation's tokens)], oldest first
+    offset = 0  # tokens of chunks[0] already consumed
+    buffered = 0  # tokens in the queue not yet consumed
+
+    def take(n):
+        nonlocal epoch, index, offset, buffered
+        while buffered < n:
+            if index >= len(dataset):
+                if not loop:
+                    return None
+                epoch, index = epoch + 1, compute.rank
+            ids, _ = tokenizer.render_conversation(dataset[index], max_tokens=None)
+            chunks.append(((epoch, index), torch.tensor(ids, dtype=torch.long)))
+            buffered += len(ids)
+            index += compute.world_size
+        pieces = []
+        while n > 0:
+            tokens = chunks[0][1]
+            if offset == len(tokens):
+                chunks.popleft()
+                offset = 0
+                continue
+            piece = tokens[offset:offset + n]
+            pieces.append(piece)
+            offset, buffered, n = offset + len(piece), buffered - len(piece), n - len(piece)
+        return torch.cat(pieces)
+
+    if skip:
+        take(skip)
+    while True:
+        window = take(needed)  # (B·T+1,)
+        if window is None:
+            return
+        inputs = window[:-1].view(B, T).to(device, non_blocking=True)  # (B, T)
+        targets = window[1:].view(B, T).to(device, non_blocking=True)  # (B, T)
+        (chunk_epoch, chunk_index), _ = chunks[0]
+        state = dict(epoch=chunk_epoch, index=chunk_index, token_offset=offset)
+        yield inputs, targets, state, chunk_epoch + chunk_index / len(dataset)
+
+
+def max_over_ranks(value: float) -> float:
+    if not compute.ddp:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+loop_state = meta["loop_state"] if resuming else {}
+dataloader_state = meta["dataloader_state"][compute.rank] if resuming else None
+train_loader = packed_batches(train_dataset, loop=True, state=dataloader_state)
+x, y, x_state, x_progress = next(train_loader)  # prefetch; x_state = stream position right after (x, y)
+token_bytes = get_token_bytes(device=device)
+eval_steps = max(1, cfg.eval_tokens // world_tokens_per_fwdbwd)
+
+# -----------------------------------------------------------------------------
+# Schedules: LR by progress through the epoch (or by step with --num_iterations)
+
+PROGRESS_TICKS = 10_000  # lr_multiplier counts in steps: measure epoch progress in 1/10,000ths
+
+
+def get_lr_multiplier(step: int, progress: float) -> float:
+    if cfg.num_iterations > 0:
+        return lr_multiplier(step, cfg.num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)
+    return lr_multiplier(min(round(progress * PROGRESS_TICKS), PROGRESS_TICKS), PROGRESS_TICKS,
+                         warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)
+
+
+# -----------------------------------------------------------------------------
+# Training loop: step counts optimiser updates done so far
+
+step = cfg.resume_from_step if resuming else 0
+progress = loop_state.get("progress", 0.0)  # fraction of the epoch consumed before this step
+min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
+val_bpb = loop_state.get("val_bpb")
+smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
+total_training_time = loop_state.get("total_training_time", 0.0)
+first_step = step
+ema_beta = 0.9
+peak_flops = get_peak_flops(get_device_name(compute.device_type)) if compute.device_type == "cuda" else None
+
+while True:
+    last_step = step == cfg.num_iterations if cfg.num_iterations > 0 else progress >= 1.0
+
+    if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        model.eval()
+        with compute.autocast():
+            val_bpb = evaluate_bpb(model, packed_batches(val_dataset, loop=False), eval_steps, token_bytes)
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        model.train()
+
+    if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+        states = [None] * compute.world_size  # every rank's stream position
+        if compute.ddp:
+            dist.all_gather_object(states, dataloader_state)
+        else:
+            states = [dataloader_state]
+        loop_state = dict(progress=progress, min_val_bpb=min_val_bpb, val_bpb=val_bpb,
+                          smooth_train_loss=smooth_train_loss, total_training_time=total_training_time)
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
+                        dict(model_config=model_config, user_config=user_config, val_bpb=val_bpb,
+                             base_source=base_source, dataloader_state=states, loop_state=loop_state),
+                        rank=compute.rank)
+
+    if last_step:
+        break
+
+    # one optimiser step: grad_accum_steps forward/backward passes, sync, update
+    compute.synchronize()
+    t0 = time.time()
+    lrm = get_lr_multiplier(step, progress)
+    train_loss = 0.0
+    for micro_step in range(grad_accum_steps):
+        with compute.autocast():
+            loss = model(x, y)
+        train_loss += loss.detach() / grad_accum_steps
+        (loss / grad_accum_steps).backward()
+        dataloader_state, data_progress = x_state, x_progress  # (x, y) is consumed
+        x, y, x_state, x_progress = next(train_loader)
+    for opt in optimizers:
+        opt.reduce_gradients()  # average across ranks (no-op on one rank)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if "momentum" in group:  # Muon
+                group["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        opt.step()
+    orig_model.zero_grad(set_to_none=True)
+    train_loss = train_loss.item()
+    compute.synchronize()
+    dt = time.time() - t0
+    step += 1
+    progress = step / cfg.num_iterations if cfg.num_iterations > 0 else max_over_ranks(data_progress)
+
+    # logging
+    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+    debiased = smooth_train_loss / (1 - ema_beta ** step)
+    if step > first_step + 1:
+        total_training_time += dt  # the first step of a process includes warm-up (and compilation)
+    tok_per_sec = int(cfg.total_batch_size / dt)
+    flops_per_sec = num_flops_per_token * cfg.total_batch_size / dt
+    mfu = f"{100 * flops_per_sec / (peak_flops * compute.world_size):.2f}%" if peak_flops else "n/a"
+    print0(f"step {step:05d} ({100 * min(progress, 1.0):.2f}%) | loss {debiased:.6f} | lrm {lrm:.4f} | dt {dt * 1000:.2f}ms | "
+           f"tok/s {tok_per_sec:,} | mfu {mfu} | time {total_training_time / 60:.2f}m")
+    wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                   "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/progress": progress})
+
+# -----------------------------------------------------------------------------
+# Totals, report, cleanup
+
+print0(f"peak memory: {compute.max_memory_allocated() / 1024 ** 2:.2f} MiB")
+print0(f"total training time: {total_training_time / 60:.2f}m")
+print0(f"min val bpb: {min_val_bpb:.4f}")
+report.log(section="Midtraining", data=[
+    user_config,
+    {"base model": f"{base_source['model_tag']} step {base_source['step']}", "multiple-choice data": mcq_description,
+     "train conversations": len(train_dataset), "val conversations": len(val_dataset), "iterations": step,
+     "DDP world size": compute.world_size},
+    {"min val bpb": min_val_bpb, "final val bpb": val_bpb,
+     "peak memory (MiB)": round(compute.max_memory_allocated() / 1024 ** 2, 2),
+     "total training time (m)": round(total_training_time / 60, 2)},
+])
+wandb_run.finish()
+compute_cleanup()
