@@ -155,15 +155,15 @@ class KVCache:
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                       top_k: int | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B, 1). Temperature 0: argmax. top_k None or 0: no cut."""
+    """logits (B, V) -> token ids (B, 1). Temperature 0: argmax. top_k None or 0: no cut.
+    Drawn over the full vocabulary (top-k by masking), so with batch 1 and the same seed it draws
+    exactly what the naive GPT.generate draws."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and 0 < top_k < logits.size(-1):
-        top_logits, top_ids = torch.topk(logits, top_k, dim=-1)  # (B, k)
-        probs = F.softmax(top_logits / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1) index into the k
-        return top_ids.gather(1, choice)
-    probs = F.softmax(logits / temperature, dim=-1)
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = F.softmax(logits / temperature, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 

@@ -236,3 +236,90 @@ def test_rows_stop_on_their_own_stop_token(tokenizer):
     sequences, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=2)
     assert [len(s) - len(prompt) for s in sequences] == [1, 2, 2, 2]
     assert len(list(engine.generate(prompt, num_samples=4, max_tokens=3))) == 3
+
+
+# -----------------------------------------------------------------------------
+# With the real GPT: tiny, random weights everywhere
+
+
+def tiny_gpt(vocab_size, seed=0):
+    """A 2-layer, 32-wide GPT (2 query heads sharing 1 KV head) with every weight random, so
+    attention and the MLPs matter (the real init zeroes the output projections)."""
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt(tokenizer):
+    return tiny_gpt(tokenizer.get_vocab_size())
+
+
+def test_kv_cache_forward_equals_full_forward(gpt):
+    """Prefill, a chunk after a prefix, single-token steps; then batch 3 after a replicated prefill."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, 14))
+    with torch.no_grad():
+        full = gpt(ids)  # (1, 14, V)
+        cache = KVCache(batch_size=1, num_layers=gpt.config.n_layer)
+        pieces = [gpt(ids[:, :5], kv_cache=cache), gpt(ids[:, 5:9], kv_cache=cache)]
+        pieces += [gpt(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 14)]
+        assert cache.get_pos() == 14
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+        # three different continuations of one prefilled prompt
+        prefix = KVCache(batch_size=1, num_layers=gpt.config.n_layer)
+        gpt(ids[:, :9], kv_cache=prefix)
+        batch = KVCache(batch_size=3, num_layers=gpt.config.n_layer)
+        batch.prefill(prefix)
+        tails = torch.randint(0, 256, (3, 2))
+        out = [gpt(tails[:, :1], kv_cache=batch), gpt(tails[:, 1:], kv_cache=batch)]
+        out = torch.cat(out, dim=1)  # (3, 2, V)
+        for row in range(3):
+            reference = gpt(torch.cat([ids[:, :9], tails[row:row + 1]], dim=1))[:, -2:]
+            torch.testing.assert_close(out[row:row + 1], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_greedy_equals_naive_generate(gpt, tokenizer):
+    engine = Engine(gpt, tokenizer)
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The capital of")
+    naive = list(gpt.generate(prompt, max_tokens=24, temperature=0.0))
+    assert len(naive) == 24
+    for num_samples in (1, 4):
+        steps = list(engine.generate(prompt, num_samples=num_samples, max_tokens=24, temperature=0.0))
+        for row in range(num_samples):
+            column = [c[row] for c, _ in steps]
+            assert column == naive
+    assert not set(naive) & (engine.stop_tokens | {engine.python_start}), "pick a prompt whose greedy reply neither stops nor calls the tool"
+    # top_k=1 is greedy too
+    steps = list(engine.generate(prompt, max_tokens=24, temperature=1.0, top_k=1, seed=3))
+    assert [c[0] for c, _ in steps] == naive
+
+
+@pytest.mark.parametrize("temperature, top_k, seed", [(1.0, None, 2), (0.8, 20, 3)])
+def test_engine_sampling_equals_naive_generate_with_the_same_seed(gpt, tokenizer, temperature, top_k, seed):
+    """Batch 1 draws from the same distributions with the same generator: the same tokens."""
+    engine = Engine(gpt, tokenizer)
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("If 5*x + 3 = 13, then x is")
+    naive = list(gpt.generate(prompt, max_tokens=20, temperature=temperature, top_k=top_k, seed=seed))
+    # seeds chosen so the sample neither stops nor calls the tool (where the engine acts on its own)
+    assert not set(naive) & (engine.stop_tokens | {engine.python_start}) and len(set(naive)) > 5, naive
+    column = [c[0] for c, _ in engine.generate(prompt, max_tokens=20, temperature=temperature, top_k=top_k, seed=seed)]
+    assert column == naive
+
+
+def test_first_token_sampled_independently_per_row(gpt, tokenizer):
+    engine = Engine(gpt, tokenizer)
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("Once upon a")
+    first = [c for c, _ in engine.generate(prompt, num_samples=16, max_tokens=1, temperature=1.0, seed=5)][0]
+    assert len(set(first)) >= 4, f"the first tokens of 16 samples: {first}"
+    again = engine.generate_batch(prompt, num_samples=16, max_tokens=6, temperature=1.0, seed=5)
+    assert again == engine.generate_batch(prompt, num_samples=16, max_tokens=6, temperature=1.0, seed=5)
+    assert again != engine.generate_batch(prompt, num_samples=16, max_tokens=6, temperature=1.0, seed=6)
