@@ -1,0 +1,82 @@
+"""
+Evaluate a base model checkpoint: bits per byte on --split_tokens tokens of the train and of the
+val split, plus greedy completions of a few fixed prompts; writes a report section.
+
+Run:
+    python -m scripts.base_loss                                  # largest base model, latest step
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --device_batch_size=16
+    python -m scripts.base_loss --device_type=cpu --split_tokens=65536 --device_batch_size=4
+"""
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.engine import Engine
+from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+# -----------------------------------------------------------------------------
+# Flags
+
+DEFAULTS = dict(
+    device_type="",  # cuda | mps | cpu; empty = autodetect
+    device_batch_size=32,
+    split_tokens=20 * 524288,  # tokens evaluated per split
+    model_tag="",  # default: the largest d<depth> in base_checkpoints
+    step=-1,  # default: the latest complete checkpoint
+)
+cfg = parse_flags(DEFAULTS, doc=__doc__)
+
+# -----------------------------------------------------------------------------
+# Compute, model
+
+compute = compute_init(cfg.device_type)
+device = compute.device
+print_flags(cfg, DEFAULTS)
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=cfg.model_tag or None,
+                                    step=cfg.step if cfg.step >= 0 else None)
+sequence_len = meta["model_config"]["sequence_len"]
+token_bytes = get_token_bytes(device=device)
+tokens_per_step = cfg.device_batch_size * sequence_len * compute.world_size
+if cfg.split_tokens < tokens_per_step:
+    raise FlagError(f"--split_tokens={cfg.split_tokens} is less than one batch "
+                    f"(device_batch_size · sequence_len · world_size = {tokens_per_step})")
+steps = cfg.split_tokens // tokens_per_step
+print0(f"base model at step {meta['step']}: {steps} batches of {tokens_per_step:,} tokens per split")
+
+# -----------------------------------------------------------------------------
+# Bits per byte on train and val
+
+bpb_results = {}
+for split in ("train", "val"):
+    loader = tokenizing_distributed_data_loader(cfg.device_batch_size, sequence_len, split, device=device)
+    with compute.autocast():
+        bpb_results[split] = evaluate_bpb(model, loader, steps, token_bytes)
+    print0(f"{split} bpb: {bpb_results[split]:.4f}")
+
+# -----------------------------------------------------------------------------
+# Greedy samples (rank 0)
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+samples = []
+if compute.master_process:
+    engine = Engine(model, tokenizer)  # KV-cache generation; greedy = temperature 0
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        with compute.autocast():
+            sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+        samples.append(tokenizer.decode(sequences[0][1:]))
+        print0(repr(samples[-1]))
+
+# -----------------------------------------------------------------------------
+# Report, cleanup
+
+get_report().log(section="Base model loss", data=[  # rank 0 writes; a no-op elsewhere
+    {"model step": meta["step"], "train bpb": bpb_results["train"], "val bpb": bpb_results["val"]},
+    {f"sample {i}": s for i, s in enumerate(samples)},
+])
+compute_cleanup()
