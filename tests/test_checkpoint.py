@@ -127,3 +127,45 @@ def test_missing_checkpoints_name_the_stage_that_makes_them(base_dir):
         cm.load_model("mid", "cpu", "eval")
     with pytest.raises(ValueError, match="source must be one of"):
         cm.load_model("pre", "cpu", "eval")
+
+
+def _tiny_model(vocab_size=512):
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for p in model.parameters():  # non-trivial weights everywhere (c_proj starts at zero)
+        p.data.add_(0.01 * torch.randn_like(p))
+    return model, config
+
+
+def test_build_and_load_model(base_dir_with_tokenizer):
+    from dataclasses import asdict
+    model, config = _tiny_model()
+    root = base_dir_with_tokenizer / "base_checkpoints"
+    # as a torch.compile'd model would name them, and stored in bf16 as on CUDA
+    compiled_names = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    cm.save_checkpoint(str(root / "d2"), 10, compiled_names, None, {"model_config": asdict(config)})
+    cm.save_checkpoint(str(root / "d2"), 20, model.state_dict(), None, {"model_config": asdict(config)})
+    bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    cm.save_checkpoint(str(root / "d1"), 30, bf16, None, {"model_config": asdict(config)})
+
+    idx = torch.randint(0, 512, (2, 16))
+    expected = model(idx)
+    loaded, tokenizer, meta = cm.load_model("base", "cpu", "eval", step=10)  # d2: the largest tag
+    assert meta["step"] == 10 and not loaded.training and tokenizer.get_vocab_size() == 512
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert torch.equal(loaded(idx), expected)  # weights and rotary buffers all in place
+    latest, _, meta = cm.load_model("base", "cpu", "train")
+    assert meta["step"] == 20 and latest.training
+    from_bf16, _, _ = cm.load_model("base", "cpu", "eval", model_tag="d1")
+    assert all(p.dtype == torch.float32 for p in from_bf16.parameters())
+    assert torch.allclose(from_bf16(idx), expected, atol=0.05)
+
+    other, other_config = _tiny_model(vocab_size=600)
+    cm.save_checkpoint(str(root / "d9"), 1, other.state_dict(), None, {"model_config": asdict(other_config)})
+    with pytest.raises(ValueError, match="600"):
+        cm.load_model("base", "cpu", "eval")
