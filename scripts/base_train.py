@@ -292,13 +292,13 @@ while True:
         timed_steps += 1
     tok_per_sec = int(cfg.total_batch_size / dt)
     flops_per_sec = num_flops_per_token * cfg.total_batch_size / dt
-    mfu = f"{100 * flops_per_sec / (peak_flops * compute.world_size):.2f}%" if peak_flops else "n/a"
+    mfu = 100 * flops_per_sec / (peak_flops * compute.world_size) if peak_flops else None  # percent
     eta = (num_iterations - step) * (total_training_time / timed_steps if timed_steps else dt)
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {debiased:.6f} | "
-           f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/s {tok_per_sec:,} | mfu {mfu} | "
+           f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/s {tok_per_sec:,} | mfu {f'{mfu:.2f}%' if mfu else 'n/a'} | "
            f"time {total_training_time / 60:.2f}m | eta {eta / 60:.1f}m")
     wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
+                   "train/tok_per_sec": tok_per_sec, **({"train/mfu": mfu} if mfu else {}),
                    **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})})
     report.log_history({"step": step, "train_loss": debiased})
 
