@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from test_core_eval import small_bpe
+from test_core_eval import one_thread, small_bpe  # noqa: F401 (one_thread: an autouse fixture)
 
 MAX_PER_TASK = 12
 TAG, STEP = "d2", 7
@@ -87,6 +87,7 @@ def test_base_eval_end_to_end(checkpoint, shared_data):
     assert f"- CORE: {ref['core_metric']:.4f}" in section and "- step: 7" in section
 
 
+@pytest.mark.slow
 def test_base_eval_errors(tmp_path):
     """Bad flags and a folder that is no bundle fail before any model is loaded."""
     out = run_base_eval("--device_type=cpu", f"--eval_bundle={tmp_path}")

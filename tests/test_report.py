@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 from nanochat.report import DummyReport, Report, get_report, slugify
 
@@ -123,6 +125,7 @@ def test_other_ranks_write_nothing(base_dir, monkeypatch):
     assert not (base_dir / "report").exists()
 
 
+@pytest.mark.slow
 def test_cli(base_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     run = lambda *args: subprocess.run([sys.executable, "-m", "nanochat.report", *args], cwd=tmp_path, env=env,
