@@ -14,6 +14,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tests run tiny models: on a couple of shared cores, OpenMP threads waiting on each other make them
+# ~3x slower than one thread. (Subprocesses the tests start choose their own thread count.)
+import torch  # noqa: E402
+torch.set_num_threads(1)
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 

@@ -1,0 +1,481 @@
+//! rustbpe: learns the merges of a byte-level BPE tokenizer, fast, for nanochat.
+//!
+//! nanochat trains its tokenizer here and encodes with tiktoken: this crate only has to learn the
+//! merges (and can encode, for testing). The rules are those of the Python reference
+//! (`tests/bpe_reference.py`), which the tests check merge for merge:
+//! - Text is split into chunks by a regex (GPT-4's pattern with digit runs capped at two);
+//!   identical chunks are counted once with a weight. A chunk starts as its UTF-8 bytes (ids
+//!   0..=255) and merges never cross chunk boundaries.
+//! - The count of a pair is the weighted number of adjacent positions holding it (overlaps count).
+//! - Each step merges the pair with the highest count, ties going to the smallest (left, right);
+//!   the new id is 256 + step. Inside a chunk the merge goes left to right, without overlap.
+//!
+//! Speed comes from doing each step incrementally instead of recounting everything:
+//! - chunk counting is parallel (rayon) with the GIL released, in buffers pulled from Python;
+//! - pair counts live in a hash map, and a max-heap orders the candidate merges. Counts of
+//!   existing pairs only ever fall (new pairs all contain the new token), so a heap entry can be
+//!   stale only by being too high: pop, compare with the true count, re-queue if it changed
+//!   ("lazy invalidation");
+//! - an index pair -> words holding it means a merge touches only those words, and each touched
+//!   word reports the pair-count deltas of its rewrite.
+//!
+//! Sections: helpers, algorithm, Python bindings, tests.
+
+use std::cmp::Ordering;
+
+use ahash::{AHashMap, AHashSet};
+use compact_str::CompactString;
+use dary_heap::OctonaryHeap;
+use fancy_regex::Regex;
+use log::{info, warn};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use rayon::prelude::*;
+
+/// GPT-4's (cl100k) split pattern with digit runs capped at two (`\p{N}{1,2}` instead of `{1,3}`).
+pub const GPT4_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+
+type Pair = (u32, u32);
+
+// ------------------------------------------------------------------------------------------------
+// Helpers
+
+/// One distinct chunk of text, as token ids (initially its bytes).
+#[derive(Clone, Debug)]
+struct Word {
+    ids: Vec<u32>,
+}
+
+impl Word {
+    fn new(chunk: &str) -> Self {
+        Word { ids: chunk.bytes().map(u32::from).collect() }
+    }
+
+    fn pairs(&self) -> impl Iterator<Item = Pair> + '_ {
+        self.ids.windows(2).map(|w| (w[0], w[1]))
+    }
+
+    /// Replace every occurrence of `pair` (left to right, no overlap) by `new_id`. Returns the
+    /// changes to this word's pair counts, one (pair, ±1) per change (not yet weighted).
+    fn merge_pair(&mut self, pair: Pair, new_id: u32) -> Vec<(Pair, i64)> {
+        let (a, b) = pair;
+        let n = self.ids.len();
+        let mut out: Vec<u32> = Vec::with_capacity(n);
+        let mut deltas = Vec::new();
+        let mut i = 0;
+        while i < n {
+            if i + 1 < n && self.ids[i] == a && self.ids[i + 1] == b {
+                // The left neighbour is read from the output (it may be a token merged just
+                // before), the right one from the input (a following merge reports its own side).
+                if let Some(&left) = out.last() {
+                    deltas.push(((left, a), -1));
+                    deltas.push(((left, new_id), 1));
+                }
+                deltas.push((pair, -1));
+                if i + 2 < n {
+                    let right = self.ids[i + 2];
+                    deltas.push(((b, right), -1));
+                    deltas.push(((new_id, right), 1));
+                }
+                out.push(new_id);
+                i += 2;
+            } else {
+                out.push(self.ids[i]);
+                i += 1;
+            }
+        }
+        self.ids = out;
+        deltas
+    }
+}
+
+/// A candidate merge in the heap: higher count first, then the smaller pair.
+#[derive(Debug, PartialEq, Eq)]
+struct MergeJob {
+    count: i64,
+    pair: Pair,
+}
+
+impl Ord for MergeJob {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.count.cmp(&other.count).then_with(|| other.pair.cmp(&self.pair))
+    }
+}
+
+impl PartialOrd for MergeJob {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+fn add_counts<K: std::hash::Hash + Eq>(into: &mut AHashMap<K, i64>, from: AHashMap<K, i64>) {
+    for (k, v) in from {
+        *into.entry(k).or_insert(0) += v;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Algorithm
+
+/// Count the regex chunks of `texts`, in parallel.
+fn count_chunks(texts: &[String], re: &Regex) -> Result<AHashMap<CompactString, i64>, String> {
+    texts
+        .par_iter()
+        .try_fold(AHashMap::new, |mut counts, text| {
+            for m in re.find_iter(text) {
+                let m = m.map_err(|e| format!("splitting text with the pattern failed: {e}"))?;
+                *counts.entry(CompactString::from(m.as_str())).or_insert(0) += 1;
+            }
+            Ok(counts)
+        })
+        .try_reduce(AHashMap::new, |mut a, b| {
+            if a.len() < b.len() {
+                return Ok({
+                    let mut b = b;
+                    add_counts(&mut b, a);
+                    b
+                });
+            }
+            add_counts(&mut a, b);
+            Ok(a)
+        })
+}
+
+/// Weighted pair counts over all words, and for each pair the words holding it (in parallel).
+fn count_pairs(words: &[Word], counts: &[i64]) -> (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<usize>>) {
+    words
+        .par_iter()
+        .enumerate()
+        .fold(
+            || (AHashMap::new(), AHashMap::new()),
+            |(mut pair_counts, mut where_found): (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<usize>>), (i, word)| {
+                for pair in word.pairs() {
+                    *pair_counts.entry(pair).or_insert(0) += counts[i];
+                    where_found.entry(pair).or_default().insert(i);
+                }
+                (pair_counts, where_found)
+            },
+        )
+        .reduce(
+            || (AHashMap::new(), AHashMap::new()),
+            |(mut counts_a, mut where_a), (counts_b, where_b)| {
+                add_counts(&mut counts_a, counts_b);
+                for (pair, words) in where_b {
+                    where_a.entry(pair).or_default().extend(words);
+                }
+                (counts_a, where_a)
+            },
+        )
+}
+
+/// The merge loop: up to `num_merges` merges, in order, as (pair, new id).
+fn learn_merges(words: &mut [Word], counts: &[i64], num_merges: u32) -> Vec<(Pair, u32)> {
+    let (mut pair_counts, mut where_found) = count_pairs(words, counts);
+    let mut heap: OctonaryHeap<MergeJob> = pair_counts
+        .iter()
+        .filter(|(_, &count)| count > 0)
+        .map(|(&pair, &count)| MergeJob { count, pair })
+        .collect();
+    info!("rustbpe: {} distinct chunks, {} distinct pairs; learning {} merges", words.len(), pair_counts.len(), num_merges);
+
+    let mut merges: Vec<(Pair, u32)> = Vec::with_capacity(num_merges as usize);
+    let mut last_percent = 0;
+    while (merges.len() as u32) < num_merges {
+        let Some(mut job) = heap.pop() else {
+            warn!("rustbpe: no pairs left after {} merges (asked for {}): the text is too small", merges.len(), num_merges);
+            break;
+        };
+        let current = pair_counts.get(&job.pair).copied().unwrap_or(0);
+        if job.count != current {
+            // Stale entry (the pair's count fell since it was queued): re-queue at its true count.
+            if current > 0 {
+                job.count = current;
+                heap.push(job);
+            }
+            continue;
+        }
+        let new_id = 256 + merges.len() as u32;
+        merges.push((job.pair, new_id));
+
+        // Rewrite the words holding the pair; collect the pairs that the merge creates.
+        let mut created: AHashSet<Pair> = AHashSet::new();
+        for i in where_found.remove(&job.pair).unwrap_or_default() {
+            for (pair, delta) in words[i].merge_pair(job.pair, new_id) {
+                *pair_counts.entry(pair).or_insert(0) += delta * counts[i];
+                if delta > 0 {
+                    where_found.entry(pair).or_default().insert(i);
+                    created.insert(pair);
+                }
+            }
+        }
+        pair_counts.remove(&job.pair);
+        for pair in created {
+            let count = pair_counts[&pair];
+            if count > 0 {
+                heap.push(MergeJob { count, pair });
+            }
+        }
+
+        let percent = merges.len() * 100 / num_merges as usize;
+        if percent > last_percent {
+            last_percent = percent;
+            info!("rustbpe: {}% ({}/{} merges), last merge {:?} -> {} (count {})", percent, merges.len(), num_merges, job.pair, new_id, job.count);
+        }
+    }
+    merges
+}
+
+/// Compile a split pattern with a readable error.
+fn compile_pattern(pattern: &str) -> Result<Regex, String> {
+    Regex::new(pattern).map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Python bindings
+
+/// A byte-level BPE tokenizer: train it, read its merges, encode with it.
+#[pyclass]
+pub struct Tokenizer {
+    pattern: String,
+    compiled: Regex,
+    merges: Vec<(Pair, u32)>,
+    ranks: AHashMap<Pair, u32>,
+}
+
+impl Tokenizer {
+    fn with_merges(pattern: &str, merges: Vec<(Pair, u32)>) -> Result<Self, String> {
+        let compiled = compile_pattern(pattern)?;
+        let ranks = merges.iter().copied().collect();
+        Ok(Tokenizer { pattern: pattern.to_string(), compiled, merges, ranks })
+    }
+
+    /// Train on already-collected texts (the Rust-side entry point; Python streams instead).
+    pub fn train(texts: &[String], vocab_size: u32, pattern: &str) -> Result<Self, String> {
+        if vocab_size < 256 {
+            return Err(format!("vocab_size must be at least 256 (the byte tokens), got {vocab_size}"));
+        }
+        let compiled = compile_pattern(pattern)?;
+        let counts = count_chunks(texts, &compiled)?;
+        Ok(Self::from_chunk_counts(counts, vocab_size, pattern)?)
+    }
+
+    fn from_chunk_counts(counts: AHashMap<CompactString, i64>, vocab_size: u32, pattern: &str) -> Result<Self, String> {
+        let (mut words, weights): (Vec<Word>, Vec<i64>) = counts.into_iter().map(|(chunk, n)| (Word::new(&chunk), n)).unzip();
+        let merges = learn_merges(&mut words, &weights, vocab_size - 256);
+        Self::with_merges(pattern, merges)
+    }
+
+    /// Token ids of one chunk: repeatedly merge the lowest-id pair present.
+    fn encode_chunk(&self, chunk: &str) -> Vec<u32> {
+        let mut word = Word::new(chunk);
+        while word.ids.len() >= 2 {
+            let best = word.pairs().filter_map(|pair| self.ranks.get(&pair).map(|&id| (id, pair))).min();
+            let Some((new_id, pair)) = best else { break };
+            word.merge_pair(pair, new_id);
+        }
+        word.ids
+    }
+
+    pub fn encode_text(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        for m in self.compiled.find_iter(text) {
+            // The pattern matched during training on the same engine; a failure here is a
+            // backtracking limit on pathological input: fall back to encoding the raw text.
+            match m {
+                Ok(m) => out.extend(self.encode_chunk(m.as_str())),
+                Err(_) => return self.encode_chunk(text),
+            }
+        }
+        out
+    }
+
+    /// The bytes of every token id, 0..vocab.
+    fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for &((left, right), _) in &self.merges {
+            let mut token = vocab[left as usize].clone();
+            token.extend_from_slice(&vocab[right as usize]);
+            vocab.push(token);
+        }
+        vocab
+    }
+}
+
+#[pymethods]
+impl Tokenizer {
+    #[new]
+    fn py_new() -> Self {
+        Self::with_merges(GPT4_PATTERN, Vec::new()).expect("the default pattern compiles")
+    }
+
+    /// Learn vocab_size - 256 merges from an iterable of str. Texts are pulled `buffer_size` at a
+    /// time (with the GIL), then split and counted in parallel with the GIL released.
+    #[pyo3(signature = (iterator, vocab_size, buffer_size=8192, pattern=None))]
+    fn train_from_iterator(
+        &mut self,
+        py: Python<'_>,
+        iterator: &Bound<'_, PyAny>,
+        vocab_size: u32,
+        buffer_size: usize,
+        pattern: Option<String>,
+    ) -> PyResult<()> {
+        if vocab_size < 256 {
+            return Err(PyValueError::new_err(format!("vocab_size must be at least 256 (the byte tokens), got {vocab_size}")));
+        }
+        if buffer_size == 0 {
+            return Err(PyValueError::new_err("buffer_size must be at least 1"));
+        }
+        let pattern = pattern.unwrap_or_else(|| GPT4_PATTERN.to_string());
+        let compiled = compile_pattern(&pattern).map_err(PyValueError::new_err)?;
+        let mut texts = iterator
+            .iter()
+            .map_err(|_| PyTypeError::new_err("train_from_iterator expects an iterable of str"))?;
+
+        let mut counts: AHashMap<CompactString, i64> = AHashMap::new();
+        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size);
+        let mut seen = 0usize;
+        loop {
+            buffer.clear();
+            while buffer.len() < buffer_size {
+                let Some(item) = texts.next() else { break };
+                let item = item?;
+                let text: String = item.extract().map_err(|_| {
+                    PyTypeError::new_err(format!("train_from_iterator expects str items; item {seen} is not a str"))
+                })?;
+                buffer.push(text);
+                seen += 1;
+            }
+            if buffer.is_empty() {
+                break;
+            }
+            let buffer_counts = py.allow_threads(|| count_chunks(&buffer, &compiled)).map_err(PyValueError::new_err)?;
+            add_counts(&mut counts, buffer_counts);
+            if buffer.len() < buffer_size {
+                break;
+            }
+        }
+        info!("rustbpe: counted chunks of {seen} texts");
+        let trained = py
+            .allow_threads(|| Tokenizer::from_chunk_counts(counts, vocab_size, &pattern))
+            .map_err(PyValueError::new_err)?;
+        *self = trained;
+        Ok(())
+    }
+
+    /// The split pattern.
+    fn get_pattern(&self) -> String {
+        self.pattern.clone()
+    }
+
+    /// [(token bytes, id)] for every token: the 256 bytes, then one per merge.
+    fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
+        self.token_bytes()
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (PyBytes::new_bound(py, token), id as u32))
+            .collect()
+    }
+
+    /// Token ids of one text.
+    fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_text(text)
+    }
+
+    /// Token ids of many texts, in parallel with the GIL released.
+    fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> Vec<Vec<u32>> {
+        py.allow_threads(|| texts.par_iter().map(|text| self.encode_text(text)).collect())
+    }
+}
+
+#[pymodule]
+fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    pyo3_log::init(); // Rust `log` records go to Python's `logging` (logger "rustbpe")
+    m.add_class::<Tokenizer>()?;
+    m.add("GPT4_PATTERN", GPT4_PATTERN)?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tests (PYO3_PYTHON=$(which python) cargo test)
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn merge_pair_reports_exact_deltas() {
+        // "aaaa" holds (a,a) 3 times; merging gives [N, N], which holds (N,N) once.
+        let mut word = Word { ids: vec![1, 1, 1, 1] };
+        let deltas = word.merge_pair((1, 1), 9);
+        assert_eq!(word.ids, vec![9, 9]);
+        let mut net: AHashMap<Pair, i64> = AHashMap::new();
+        for (pair, d) in deltas {
+            *net.entry(pair).or_insert(0) += d;
+        }
+        net.retain(|_, d| *d != 0);
+        let expected: AHashMap<Pair, i64> = [((1, 1), -3), ((9, 9), 1)].into_iter().collect();
+        assert_eq!(net, expected);
+    }
+
+    #[test]
+    fn overlapping_pairs_merge_left_to_right() {
+        let mut word = Word { ids: vec![1, 1, 1] };
+        word.merge_pair((1, 1), 9);
+        assert_eq!(word.ids, vec![9, 1]);
+    }
+
+    #[test]
+    fn most_frequent_pair_first_then_smallest_pair_on_ties() {
+        // chunks: "aaa" (a,a)x2; " aaa" (space,a)x1 (a,a)x2; " abab" ...
+        let tok = Tokenizer::train(&texts(&["aaa aaa abab"]), 260, GPT4_PATTERN).unwrap();
+        let a = b'a' as u32;
+        let b = b'b' as u32;
+        let sp = b' ' as u32;
+        assert_eq!(tok.merges, vec![((a, a), 256), ((a, b), 257), ((256, a), 258), ((sp, 257), 259)]);
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_pair() {
+        // (c,d) and (a,b) both occur once: (a,b) is smaller, so it goes first.
+        let tok = Tokenizer::train(&texts(&["cd", "ab"]), 258, GPT4_PATTERN).unwrap();
+        assert_eq!(tok.merges[0].0, (b'a' as u32, b'b' as u32));
+        assert_eq!(tok.merges[1].0, (b'c' as u32, b'd' as u32));
+    }
+
+    #[test]
+    fn stops_early_when_no_pairs_are_left() {
+        let tok = Tokenizer::train(&texts(&["ab"]), 1000, GPT4_PATTERN).unwrap();
+        assert_eq!(tok.merges.len(), 1);
+    }
+
+    #[test]
+    fn encode_round_trips_and_uses_merges() {
+        let corpus = "the cat sat on the mat. the cat ate the rat! 12345 😀 naïve 東京";
+        let tok = Tokenizer::train(&texts(&[corpus]), 300, GPT4_PATTERN).unwrap();
+        let vocab = tok.token_bytes();
+        for text in [corpus, "the theme", "", "😀😀 x"] {
+            let ids = tok.encode_text(text);
+            let bytes: Vec<u8> = ids.iter().flat_map(|&id| vocab[id as usize].clone()).collect();
+            assert_eq!(bytes, text.as_bytes());
+        }
+        assert!(tok.encode_text("the cat").len() < "the cat".len());
+    }
+
+    #[test]
+    fn digits_split_in_runs_of_at_most_two() {
+        let re = compile_pattern(GPT4_PATTERN).unwrap();
+        let chunks: Vec<&str> = re.find_iter("12345").map(|m| m.unwrap().as_str()).collect();
+        assert_eq!(chunks, vec!["12", "34", "5"]);
+    }
+
+    #[test]
+    fn rejects_small_vocab_and_bad_pattern() {
+        assert!(Tokenizer::train(&texts(&["x"]), 100, GPT4_PATTERN).is_err());
+        assert!(Tokenizer::train(&texts(&["x"]), 300, "(").is_err());
+    }
+}
