@@ -10,7 +10,8 @@ Design choices:
   `<|assistant_start|>`) goes through the model once, and the answer is the argmax, at the last
   prompt position, over the logits of the allowed letters only (`conversation["letters"]`). A small
   model that would rather say "The" still gets graded on which letter it prefers. Prompts are
-  batched, right-padded (causal attention: padding after a row's last token cannot change it).
+  sorted by length and batched, right-padded (causal attention: padding after a row's last token
+  cannot change it).
 - Generative tasks (GSM8K, HumanEval) sample `num_samples` completions with the Engine (KV cache,
   calculator tool use); a problem passes if any sample passes (`task.evaluate`). The seed of
   problem i is i, so results do not depend on how problems are split over ranks.
@@ -104,21 +105,23 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
         return letter_ids[letter]
 
     indices, num_problems = _problem_indices(task, max_problems)
-    correct, total, cropped = 0, 0, 0
-    for b0 in range(0, len(indices), batch_size):
-        conversations = [task.get_example(i) for i in indices[b0:b0 + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        cropped += sum(len(p) > max_len for p in prompts)
-        prompts = [p[-max_len:] for p in prompts]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)  # (B, T)
+    conversations = [task.get_example(i) for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    cropped = sum(len(p) > max_len for p in prompts)
+    prompts = [p[-max_len:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # similar lengths together: less padding
+    correct, total = 0, 0
+    for b0 in range(0, len(order), batch_size):
+        batch = order[b0:b0 + batch_size]
+        width = max(len(prompts[j]) for j in batch)
+        ids = torch.tensor([prompts[j] + [bos] * (width - len(prompts[j])) for j in batch], dtype=torch.long,
+                           device=device)  # (B, T)
         logits = model(ids)  # (B, T, V)
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation["letters"]
+        for row, j in enumerate(batch):
+            letters = conversations[j]["letters"]
             candidates = torch.tensor([letter_id(letter) for letter in letters], device=device)  # (L,)
-            scores = logits[row, len(prompt) - 1, candidates].float()  # (L,) at the last prompt position
-            answer = letters[int(scores.argmax())]
-            correct += task.evaluate(conversation, answer)
+            scores = logits[row, len(prompts[j]) - 1, candidates].float()  # (L,) at the last prompt position
+            correct += task.evaluate(conversations[j], letters[int(scores.argmax())])
             total += 1
         print0(f"\r\033[K{name}: {correct}/{total} ({100 * correct / total:.2f}%) on rank 0", end="", flush=True)
     print0()
