@@ -7,6 +7,8 @@ Design choices:
 - Downloads go through `nanochat.common.download_file`: 1 MB chunks into a temp file, up to 5
   attempts with exponential backoff, atomic rename. Each file is also opened as parquet before the
   rename, so an HTML error page or a truncated body is never kept as a shard.
+- $NANOCHAT_PRETRAIN_DIR points the loaders at another folder of shards (the CPU preset uses
+  its bundled sample this way).
 - The base URL can be overridden with $NANOCHAT_DATASET_URL (tests serve shards from a local
   http.server; a mirror works the same way). $NANOCHAT_DOWNLOAD_BACKOFF sets the first retry wait.
 - Splits: train = every shard but the last one present, val = the last one.
@@ -38,8 +40,10 @@ def shard_filename(index: int) -> str:
 
 
 def get_data_dir() -> str:
-    """<base dir>/base_data, read from $NANOCHAT_BASE_DIR at call time."""
-    return os.path.join(get_base_dir(), "base_data")
+    """Where the shards live: $NANOCHAT_PRETRAIN_DIR if set (the CPU preset points it at its
+    bundled sample, so sample shards never mix with downloaded FineWeb-Edu shards of the same
+    names), else <base dir>/base_data. Read at call time."""
+    return os.environ.get("NANOCHAT_PRETRAIN_DIR") or os.path.join(get_base_dir(), "base_data")
 
 
 def __getattr__(name: str):

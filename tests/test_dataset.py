@@ -189,3 +189,15 @@ def test_missing_shards_error_names_the_command(shared_data, base_dir):
     shutil.copy(shared_data / "pretrain" / "shard_00000.parquet", base_dir / "base_data")
     with pytest.raises(FileNotFoundError, match="-n 2"):
         next(dataset.parquets_iter_batched("val"))
+
+
+def test_pretrain_dir_override_points_the_loaders_elsewhere(tmp_path, monkeypatch, shared_data):
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        shutil.copy(shared_data / "pretrain" / name, sample / name)
+    monkeypatch.setenv("NANOCHAT_PRETRAIN_DIR", str(sample))
+    assert dataset.get_data_dir() == str(sample)
+    assert [os.path.basename(f) for f in dataset.split_files("train")] == ["shard_00000.parquet"]
+    assert [os.path.basename(f) for f in dataset.split_files("val")] == ["shard_00001.parquet"]
+    assert sum(len(texts) for texts in dataset.parquets_iter_batched("val")) == 3072
