@@ -379,6 +379,7 @@ def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":
         def run():  # in its own thread
             import torch
             decoder, reply, n, finish, t0 = StreamDecoder(tokenizer), [], 0, "length", time.time()
+            last = ("error", "generation was interrupted")  # the stream's final event
             try:
                 with torch.inference_mode(), worker.autocast():
                     for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
@@ -395,25 +396,26 @@ def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":
                         if text := decoder.push(token):
                             reply.append(text)
                             put("text", text)
-                put("end", finish, n)
                 dt = time.time() - t0
                 logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {dt:.2f}s "
                             f"({n / max(dt, 1e-9):.1f} tok/s); assistant: {''.join(reply)[:500]!r}")
+                last = ("end", finish, n)
             except Exception as e:
                 finish = "error"
                 logger.exception(f"[{request_id}] generation failed")
-                put("error", f"generation failed: {type(e).__name__}: {e}")
+                last = ("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
-                def done():
+                def finish_request():  # on the event loop: the worker is free before the client hears "done"
                     stats.in_flight -= 1
                     stats.tokens_generated += n
                     stats.requests_served += finish in ("stop", "length")
                     stats.requests_cancelled += finish == "cancelled"
-                    stats.requests_failed += finish == "error"
+                    stats.requests_failed += finish not in ("stop", "length", "cancelled")
                     pool.release(worker)
+                    events.put_nowait(last)
                 try:
-                    loop.call_soon_threadsafe(done)
-                except RuntimeError:
+                    loop.call_soon_threadsafe(finish_request)
+                except RuntimeError:  # the event loop is gone (server shutting down)
                     pass
 
         threading.Thread(target=run, name=f"generate-{request_id}", daemon=True).start()

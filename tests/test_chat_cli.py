@@ -16,7 +16,8 @@ from test_chat_web import HI_REPLY, SING_CHUNK, chat_base_dir  # noqa: F401  (ch
 
 def cli(base_dir, *args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "--device_type", "cpu", *args], cwd=REPO_ROOT,
-                            env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1"},
+                            env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1",
+                                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -30,12 +31,9 @@ def test_prompt_mode_prints_only_the_reply_and_exits_0(chat_base_dir):
     code, out, err = run_cli(chat_base_dir, "-p", "hi", "-t", "0")
     assert code == 0, err
     assert out == HI_REPLY + "\n"  # nothing else on stdout: scriptable
-
-
-def test_prompt_mode_respects_max_tokens(chat_base_dir):
     code, out, err = run_cli(chat_base_dir, "-p", "sing", "-t", "0", "-m", "6")
     assert code == 0, err
-    assert out.endswith("\n") and 0 < len(out) - 1 and (SING_CHUNK * 3).startswith(out[:-1])
+    assert out.endswith("\n") and len(out) > 1 and (SING_CHUNK * 3).startswith(out[:-1])
 
 
 def test_interactive_session_through_a_pipe(chat_base_dir):
@@ -49,14 +47,10 @@ def test_interactive_session_through_a_pipe(chat_base_dir):
     assert out.rstrip().endswith("Bye.")
 
 
-def test_end_of_input_leaves_cleanly(chat_base_dir):
-    code, out, err = run_cli(chat_base_dir, "-t", "0", stdin="hi\n")  # no quit: Ctrl-D / end of pipe
-    assert code == 0, err
-    assert HI_REPLY in out and out.rstrip().endswith("Bye.") and "Traceback" not in err
-
-
 def test_ctrl_c_stops_a_reply_then_the_chat_goes_on(chat_base_dir):
-    proc = cli(chat_base_dir, "-t", "0", "-m", "1500")  # the model would sing ~1,500 tokens
+    # the model would sing 1,500 tokens (~210 "la"); SIGINT as it starts (default action even if
+    # the test runner ignores SIGINT, as background jobs do)
+    proc = cli(chat_base_dir, "-t", "0", "-m", "1500", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("sing\n")
     proc.stdin.flush()
     seen = ""
@@ -66,20 +60,18 @@ def test_ctrl_c_stops_a_reply_then_the_chat_goes_on(chat_base_dir):
         assert char and time.time() < deadline, seen
         seen += char
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate("clear\nhi\nexit\n", timeout=120)
+    out, err = proc.communicate("clear\nhi\n", timeout=120)  # then end of input, like Ctrl-D
     seen += out
     assert proc.returncode == 0, err
     assert "[stopped]" in seen, seen
-    assert seen.count("la") < 1000  # stopped early
-    assert f"Assistant: {HI_REPLY}\n" in seen and seen.rstrip().endswith("Bye.")
+    assert seen.count("la ") < 150  # stopped early
+    assert f"Assistant: {HI_REPLY}\n" in seen and seen.rstrip().endswith("Bye.") and "Traceback" not in err
 
 
 def test_missing_checkpoint_names_the_stage_that_writes_it(base_dir_with_tokenizer):
     code, out, err = run_cli(base_dir_with_tokenizer, "-p", "hi")
     assert code == 1
     assert "sft checkpoint" in err and "python -m scripts.chat_sft" in err and "Traceback" not in err
-    code, out, err = run_cli(base_dir_with_tokenizer, "-i", "rl", "-p", "hi")
-    assert code == 1 and "python -m scripts.chat_rl" in err
 
 
 def test_bad_flags(chat_base_dir):

@@ -31,6 +31,7 @@ from conftest import REPO_ROOT
 HI_REPLY = "Hello 😀 你好!"  # the trained answer to "hi", ended by <|assistant_end|>
 SING_CHUNK = "la 🎵 "  # the trained answer to "sing", repeated without end
 MODEL_TAG = "d2"
+TRAIN_STEPS = 80  # AdamW at 1e-2: the loss is below 0.01 after ~50 steps
 
 # -----------------------------------------------------------------------------
 # Shared helpers: a trained tiny chat checkpoint, a server subprocess, SSE parsing
@@ -40,13 +41,15 @@ def build_chat_base_dir(path: Path, tokenizer_dir: Path) -> Path:
     """`path` as a base dir with the tiny tokenizer and a tiny SFT checkpoint (chatsft_checkpoints/d2)
     trained on the two conversations above. Built once per test session: reused if complete."""
     ckpt_dir = path / "chatsft_checkpoints" / MODEL_TAG
-    if (ckpt_dir / "meta_000100.json").exists():
+    if (ckpt_dir / f"meta_{TRAIN_STEPS:06d}.json").exists():
         return path
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import RustBPETokenizer
     shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
     tokenizer = RustBPETokenizer.from_directory(str(path / "tokenizer"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads, and on a busy machine they cost 10x
     torch.manual_seed(0)
     config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     with torch.device("meta"):
@@ -68,13 +71,14 @@ def build_chat_base_dir(path: Path, tokenizer_dir: Path) -> Path:
         inputs[i, :len(x)] = x
         targets[i, :len(y)] = torch.where(m == 1, y, -1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(100):
+    for _ in range(TRAIN_STEPS):
         loss = model(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    torch.set_num_threads(threads)
     assert loss.item() < 0.05, f"the tiny chat model did not learn its replies (loss {loss.item():.3f})"
-    save_checkpoint(str(ckpt_dir), 100, model.state_dict(), None, {"model_config": config, "user_config": {}})
+    save_checkpoint(str(ckpt_dir), TRAIN_STEPS, model.state_dict(), None, {"model_config": config, "user_config": {}})
     return path
 
 
@@ -107,19 +111,22 @@ class Server:
 def run_server(base_dir: Path, log_dir: Path, *args: str):
     """python -m scripts.chat_web on 127.0.0.1 and a free port; yields a Server once /health answers."""
     log_path = log_dir / f"chat_web_{time.time_ns()}.log"
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # see build_chat_base_dir
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block the server's access log
         proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device_type", "cpu",
                                  "--host", "127.0.0.1", "-p", "0", *args], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=log, text=True)
+                                stdout=log, stderr=subprocess.STDOUT)
     server = None
     try:
-        line = proc.stdout.readline()  # "nanochat: serving ... on http://127.0.0.1:PORT"; blocks until printed
-        if "http://" not in line:
-            proc.wait(timeout=10)
-            raise RuntimeError(f"chat_web did not start (exit {proc.returncode}):\n{log_path.read_text()}")
-        server = Server(proc, line.split()[-1].strip(), log_path)
-        deadline = time.time() + 30
+        deadline = time.time() + 120
+        while server is None:  # the server prints "nanochat: serving ... on http://127.0.0.1:PORT"
+            if match := re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", log_path.read_text(errors="replace")):
+                server = Server(proc, match.group(1), log_path)
+            elif proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"chat_web did not start (exit {proc.poll()}):\n{log_path.read_text()}")
+            else:
+                time.sleep(0.1)
         while True:
             try:
                 requests.get(server.url + "/health", timeout=2).raise_for_status()
@@ -246,7 +253,7 @@ def test_multi_turn_conversation(server):
 def test_health_stats_models_and_ui(server):
     health = requests.get(server.url + "/health", timeout=5).json()
     assert health["status"] == "ok" and health["workers_total"] == 1
-    assert health["model"] == "nanochat-sft-d2-step100"
+    assert health["model"] == f"nanochat-sft-d2-step{TRAIN_STEPS}"
     assert health["defaults"] == {"temperature": 0.8, "top_k": 50, "max_tokens": 64}
     before = requests.get(server.url + "/stats", timeout=5).json()
     chat(server, {"messages": user("hi"), "temperature": 0})
