@@ -97,7 +97,8 @@ def load_reference(name: str, timeout: float) -> tuple[RustBPETokenizer | None, 
         try:
             result["tokenizer"] = RustBPETokenizer.from_pretrained(name)
         except Exception as e:  # no network, DNS failure, HTTP error, corrupt cache, ...
-            result["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            message = (str(e).splitlines() or [""])[0]
+            result["error"] = f"{type(e).__name__}: {message[:200] + '...' if len(message) > 200 else message}"
 
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
