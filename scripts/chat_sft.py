@@ -78,6 +78,8 @@ cfg = parse_flags(DEFAULTS, doc=__doc__)
 user_config = vars(cfg).copy()
 if cfg.source not in ("mid", "base"):
     raise FlagError(f"--source must be mid or base (got {cfg.source!r})")
+if cfg.eval_steps < 1:
+    raise FlagError(f"--eval_steps must be at least 1 (got {cfg.eval_steps}); turn evaluation off with --eval_every=-1")
 
 # -----------------------------------------------------------------------------
 # Compute, logging
@@ -206,6 +208,7 @@ def evaluate_val_loss() -> float:
 step = cfg.resume_from_step if resuming else 0
 val_loss = loop_state.get("val_loss")
 metrics = loop_state.get("metrics", {})
+metric_tasks = {}
 while True:
     last_step = step == num_iterations
 
@@ -220,7 +223,9 @@ while True:
         model.eval()
         with compute.autocast():
             for name in ("MMLU", "ARC-Easy"):
-                metrics[name] = run_categorical_eval(load_task(name), model, tokenizer, cfg.device_batch_size * 2,
+                if name not in metric_tasks:
+                    metric_tasks[name] = load_task(name)
+                metrics[name] = run_categorical_eval(metric_tasks[name], model, tokenizer, cfg.device_batch_size * 2,
                                                      cfg.eval_metrics_max_problems, name)
         print0(f"step {step:05d} | " + " | ".join(f"{name} acc {acc:.4f}" for name, acc in metrics.items()))
         wandb_run.log({"step": step, **{f"val/{name}_acc": acc for name, acc in metrics.items()}})
