@@ -9,8 +9,10 @@ $NANOCHAT_ARTIFACTS is set, there too.
 import json
 import os
 import shutil
+import time
 
 import pytest
+import requests
 
 from test_chat_web import HI_REPLY, SING_CHUNK, chat_base_dir, run_server  # noqa: F401  (chat_base_dir: a fixture)
 
@@ -194,16 +196,30 @@ def test_server_error_shows_its_message_in_the_banner(page):
     assert page.page.is_hidden("#banner")
 
 
-def test_error_banner_when_the_server_is_stopped(browser, chat_base_dir, tmp_path):
-    with run_server(chat_base_dir, tmp_path, "-m", "8") as server:
+def test_stop_a_reply_then_the_error_banner_when_the_server_is_stopped(browser, chat_base_dir, tmp_path):
+    with run_server(chat_base_dir, tmp_path, "-m", "2000") as server:  # "sing" goes on for 2,000 tokens
         page = Page(browser, server.url)
-        page.send("hi")
+        page.send("sing")
+        page.page.wait_for_function("document.querySelector('.msg.assistant.streaming')?.textContent.length > 12")
+        assert page.page.get_attribute("#send", "aria-label") == "Stop generating"
+        assert page.page.is_visible("#icon-stop") and page.page.is_hidden("#icon-send")
+        page.page.click("#send")
         page.wait_idle()
+        [partial] = page.texts(".msg.assistant")
+        assert (SING_CHUNK * 300).startswith(partial) and len(partial) < 1000  # cut well before the end
+        assert page.page.is_hidden("#banner")  # stopping is not an error
+        assert page.page.is_visible("#icon-send") and page.page.is_hidden("#icon-stop")
+        deadline = time.time() + 10  # the server saw the disconnect and freed its worker
+        while (stats := requests.get(server.url + "/stats", timeout=5).json())["requests_cancelled"] != 1:
+            assert time.time() < deadline, stats
+            time.sleep(0.05)
+        assert stats["workers_available"] == 1 and stats["tokens_generated"] < 1500
+
         server.stop()
         page.send("hi again")
         page.page.wait_for_selector("#banner:not([hidden])")
         assert "Cannot reach the server" in page.page.inner_text("#banner-text")
-        assert page.texts(".msg.user .bubble") == ["hi", "hi again"]
+        assert page.texts(".msg.user .bubble") == ["sing", "hi again"]
         assert page.page.inner_text("#regenerate") == "↻ Retry"
         save_screenshot(page, tmp_path, "error_banner")
         page.close()
