@@ -288,6 +288,7 @@ def load_workers(args) -> tuple[list[Worker], object, dict]:
     workers, tokenizer, meta = [], None, None
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        args.step = meta["step"]  # the same step on every replica, even if a newer one lands meanwhile
         workers.append(Worker(i, device, Engine(model, tokenizer), compute.autocast))
         logger.info(f"worker {i}: {args.source} model (step {meta['step']}) on {device}")
     return workers, tokenizer, meta
@@ -343,12 +344,12 @@ def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-        raw = b""
+        raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
                 raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-        chat = parse_chat_request(parse_json_body(raw), defaults, openai=openai)
+        chat = parse_chat_request(parse_json_body(bytes(raw)), defaults, openai=openai)
         tokens = tokenizer.render_for_completion({"messages": chat.messages + [{"role": "assistant", "content": ""}]})
         if len(tokens) >= context_len:
             raise RequestError(f"the conversation is {len(tokens):,} tokens; this model reads at most {context_len:,}: "

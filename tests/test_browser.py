@@ -196,6 +196,7 @@ def test_server_error_shows_its_message_in_the_banner(page):
     assert page.page.is_hidden("#banner")
 
 
+@pytest.mark.slow  # starts a server of its own (~5-10 s)
 def test_stop_a_reply_then_the_error_banner_when_the_server_is_stopped(browser, chat_base_dir, tmp_path):
     with run_server(chat_base_dir, tmp_path, "-m", "2000") as server:  # "sing" goes on for 2,000 tokens
         page = Page(browser, server.url)
