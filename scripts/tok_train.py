@@ -7,6 +7,9 @@ Run (after `python -m nanochat.dataset -n 8`; the last shard present is held out
     python -m scripts.tok_train                                       # defaults: up to 10B characters
     python -m scripts.tok_train --max_chars=2e7 --vocab_size=8192     # a quick CPU try (seconds)
 
+Re-running with the same settings and data folder reuses the saved tokenizer (pipelines can be
+re-run cheaply); --force retrains.
+
 How: documents stream from the train shards, each capped at --doc_cap characters (so a few huge
 documents cannot dominate the pair counts), until --max_chars characters have been read; rustbpe
 learns vocab_size - 9 tokens (256 bytes + merges) and the 9 special tokens take the last ids. A round
@@ -15,10 +18,11 @@ reloaded files. Reference: 65,536 tokens on 2B characters give ~4.8 bytes/token 
 (see scripts.tok_eval).
 """
 
+import json
 import os
 import time
 
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import get_data_dir, parquets_iter_batched
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_token_bytes, get_tokenizer_dir
@@ -30,6 +34,7 @@ DEFAULTS = dict(
     max_chars=10_000_000_000,  # stop reading after this many characters
     doc_cap=10_000,  # characters kept from the start of each document
     vocab_size=65536,  # 2^16, specials included
+    force=False,  # retrain even if a tokenizer with these settings exists
 )
 cfg = parse_flags(DEFAULTS, doc=__doc__)
 if cfg.max_chars <= 0 or cfg.doc_cap <= 0:
@@ -38,6 +43,22 @@ if cfg.vocab_size < 256 + len(SPECIAL_TOKENS):
     raise FlagError(f"--vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
                     f"(256 bytes + {len(SPECIAL_TOKENS)} specials), got {cfg.vocab_size}")
 print_flags(cfg, DEFAULTS)
+
+# -----------------------------------------------------------------------------
+# Already trained with these settings? (training.json is written last, after both files)
+
+tokenizer_dir = get_tokenizer_dir()
+settings = dict(max_chars=cfg.max_chars, doc_cap=cfg.doc_cap, vocab_size=cfg.vocab_size,
+                data_dir=os.path.abspath(get_data_dir()))
+settings_path = os.path.join(tokenizer_dir, "training.json")
+if not cfg.force and os.path.exists(settings_path):
+    with open(settings_path) as f:
+        previous = json.load(f)
+    if previous.get("settings") == settings and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.pkl")):
+        print(f"a tokenizer trained with these settings is already in {tokenizer_dir}: reusing it "
+              f"(--force to retrain)")
+        get_report().log(section="Tokenizer training", data=[vars(cfg), dict(reused=tokenizer_dir), *previous["results"]])
+        raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # Text: capped documents from the train split, up to max_chars
@@ -92,7 +113,8 @@ def check_round_trip(tok: RustBPETokenizer) -> list[int]:
 
 
 ids = check_round_trip(tokenizer)
-tokenizer_dir = get_tokenizer_dir()
+if os.path.exists(settings_path):
+    os.remove(settings_path)  # the old settings no longer describe what is on disk
 tokenizer.save(tokenizer_dir)
 reloaded = RustBPETokenizer.from_directory(tokenizer_dir)
 assert check_round_trip(reloaded) == ids, "the saved tokenizer encodes differently from the trained one"
@@ -107,9 +129,9 @@ stats = dict(num_special_tokens=int((token_bytes == 0).sum()), token_bytes_min=i
              token_bytes_std=round(ordinary.std().item(), 3))
 print("token bytes: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
 
-get_report().log(section="Tokenizer training", data=[
-    vars(cfg),
-    dict(train_time_s=round(train_time, 2), docs=seen["docs"], chars=seen["chars"],
-         trained_vocab_size=tokenizer.get_vocab_size()),
-    stats,
-])
+results = [dict(train_time_s=round(train_time, 2), docs=seen["docs"], chars=seen["chars"],
+                trained_vocab_size=tokenizer.get_vocab_size()), stats]
+with open(settings_path + ".tmp", "w") as f:
+    json.dump(dict(settings=settings, results=results), f, indent=2)
+os.replace(settings_path + ".tmp", settings_path)
+get_report().log(section="Tokenizer training", data=[vars(cfg), *results])

@@ -47,7 +47,7 @@ def test_tok_train_writes_a_working_tokenizer(base_dir, data_dir):
     assert "round trip ok" in proc.stdout
 
     tok_dir = base_dir / "tokenizer"
-    assert sorted(os.listdir(tok_dir)) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(os.listdir(tok_dir)) == ["token_bytes.pt", "tokenizer.pkl", "training.json"]
     tokenizer = RustBPETokenizer.from_directory(str(tok_dir))
     assert tokenizer.get_vocab_size() == 1024
     assert tokenizer.encode_special("<|output_end|>") == 1023
@@ -60,6 +60,12 @@ def test_tok_train_writes_a_working_tokenizer(base_dir, data_dir):
 
     report = (base_dir / "report").glob("*.md")
     assert any("Tokenizer training" in p.read_text() for p in report)
+
+    # Same settings again: reused, not retrained (pipelines re-run cheaply); --force retrains.
+    mtime = os.path.getmtime(tok_dir / "tokenizer.pkl")
+    again = run("scripts.tok_train", "--max_chars=300000", "--vocab_size=1024", "--doc_cap=2000")
+    assert again.returncode == 0 and "reusing it" in again.stdout, again.stdout + again.stderr
+    assert os.path.getmtime(tok_dir / "tokenizer.pkl") == mtime
 
 
 def run_in_process(module, *args, monkeypatch):
