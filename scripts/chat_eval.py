@@ -14,8 +14,8 @@ samples of up to -m tokens at temperature -t with top-k -k; a problem passes if 
 
 ChatCORE = mean over tasks of (acc − baseline)/(1 − baseline), baseline 0.25 for the multiple
 choice tasks and 0 for the generative ones. It goes into the report as "ChatCORE" only when all
-five tasks ran on all their problems; otherwise it is printed (and logged) under a name that says
-which tasks it covers, so the report's summary never compares a partial score with a full one.
+five tasks ran (a -x cap is recorded in the same section); with -a it is printed (and logged) under
+a name that says which tasks it covers, so the summary never mixes a subset with the full set.
 The report section is "Chat evaluation <source>" with one line per task (e.g. "- GSM8K: 0.0455").
 """
 
@@ -86,10 +86,9 @@ for name in task_names:
 # -----------------------------------------------------------------------------
 # Table, ChatCORE, report
 
-complete = set(task_names) == set(TASK_NAMES) and args.max_problems is None
+complete = set(task_names) == set(TASK_NAMES)
 score = chatcore(results)
-chatcore_key = "ChatCORE" if complete else f"ChatCORE over {'+'.join(task_names)}" + (
-    f" (max {args.max_problems} problems)" if args.max_problems is not None else "")
+chatcore_key = "ChatCORE" if complete else f"ChatCORE over {'+'.join(task_names)}"
 print0(f"\n{'task':<15} {'accuracy':>9} {'centered':>9} {'time (s)':>9}")
 for name in task_names:
     print0(f"{name:<15} {results[name]:>9.4f} {chatcore({name: results[name]}):>9.4f} {seconds[name]:>9.1f}")
