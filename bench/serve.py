@@ -9,6 +9,7 @@ Run:
     python bench/serve.py --base_dir ~/.cache/nanochat --source sft   # start chat_web on your own model
 
 What it measures:
+0. One client alone: its time to first token and decode rate (the latency floor).
 1. `--clients` simultaneous streaming requests (POST /chat/completions): all must complete with
    {"done": true}; time to first token (p50/p95, including the wait for a free worker: one worker
    serves everyone in turn on CPU), the aggregate tokens/s (the server's tokens_generated counter over
@@ -25,8 +26,8 @@ stream runs to max_tokens.
 
 import argparse
 import json
-import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -75,10 +76,11 @@ def tiny_base_dir() -> Path:
     return build_chat_base_dir(path / "base", tokenizer_dir)
 
 
-server_proc = None
+server_proc, built_dir = None, None
 if args.url is None:
     from test_chat_web import run_server
     base_dir = Path(args.base_dir).expanduser() if args.base_dir else tiny_base_dir()
+    built_dir = None if args.base_dir else base_dir.parent
     log_dir = Path(tempfile.mkdtemp(prefix="nanochat_bench_logs_"))
     server_context = run_server(base_dir, log_dir, "-i", args.source, "-m", str(args.max_tokens))
     server = server_context.__enter__()
@@ -176,7 +178,8 @@ def malformed_request(rng: random.Random) -> tuple[str, str, bytes]:
         body["messages"] = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello " * rng.choice([1, 200])}
                             for i in range(n)]
     elif kind == 7:  # an unknown field or a top-level non-object
-        return "POST", "/chat/completions", json.dumps(rng.choice([[good], "hi", 3, None, {**good, "tempratur": 1}])).encode()
+        body = rng.choice([[good], "hi", 3, None, {**good, "tempratur": 1}])
+        return "POST", "/chat/completions", json.dumps(body).encode()
     elif kind == 8:  # deep nesting, NaN, giant numbers
         return "POST", "/chat/completions", rng.choice([b"[" * 50_000, b'{"messages": NaN}',
                                                         b'{"max_tokens": ' + b"9" * 6000 + b"}"])
@@ -214,6 +217,8 @@ def malformed_round(n: int) -> Counter:
 try:
     results = {}
     stream_once({"messages": [{"role": "user", "content": args.prompt}], "max_tokens": 4})  # warm-up
+    results["single"] = stream_once({"messages": [{"role": "user", "content": args.prompt}],
+                                     "max_tokens": args.max_tokens, "temperature": 0.8})
     results["rss_mb_start"] = rss_mb()
     results["round1"] = concurrent_round(args.clients)
     results["rss_mb_after_round1"] = rss_mb()
@@ -228,7 +233,11 @@ try:
 finally:
     if server_proc is not None:
         server_context.__exit__(None, None, None)
+    if built_dir is not None:
+        shutil.rmtree(built_dir, ignore_errors=True)
 
+single = results["single"]
+print(f"one client alone: TTFT {single['ttft'] * 1000:.0f} ms, {args.max_tokens / single['decode']:.0f} tokens/s")
 for name in ("round1", "round2"):
     r = results[name]
     print(f"{name}: {r['completed']}/{r['clients']} streams complete in {r['wall_s']:.2f}s | "

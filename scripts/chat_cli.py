@@ -35,7 +35,7 @@ parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among th
 parser.add_argument("-m", "--max_tokens", type=int, default=512, help="longest reply, in tokens")
 parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-parser.add_argument("--device_type", default="", choices=["", "cuda", "mps", "cpu"], help="default: autodetect")
+parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
 args = parser.parse_args()
 if args.temperature < 0:
     parser.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -72,7 +72,8 @@ def stream_reply(messages: list[dict]):
     tokens = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     if len(tokens) >= context_len:
         raise ValueError(f"the conversation is {len(tokens)} tokens, more than the model reads ({context_len})")
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # the bytes of a character cut by max_tokens stay in it
+    # the bytes of a character cut short by max_tokens stay in the decoder: never printed
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     with torch.inference_mode(), compute.autocast():
         for token_column, _ in engine.generate(tokens, num_samples=1, temperature=args.temperature,
                                                top_k=args.top_k or None, seed=secrets.randbelow(2**31),

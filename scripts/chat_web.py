@@ -280,11 +280,12 @@ def load_workers(args) -> tuple[list[Worker], object, dict]:
         if args.num_gpus != 1:
             raise SystemExit(f"-n/--num_gpus {args.num_gpus} needs CUDA; on {compute.device_type} there is one worker")
         devices = [compute.device]
-    if args.model_tag is None:  # resolve it once, so every replica loads the same model and /v1/models names it
+    if args.model_tag is None:  # resolve it once: every replica loads the same model, /v1/models names it
         try:
             args.model_tag = find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"no {args.source} checkpoint ({e}); `{SOURCES[args.source][1]}` writes them") from e
+            producer = SOURCES[args.source][1]
+            raise FileNotFoundError(f"no {args.source} checkpoint ({e}); `{producer}` writes them") from e
     workers, tokenizer, meta = [], None, None
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -309,7 +310,8 @@ def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":
     model_name = f"nanochat-{args.source}-{args.model_tag}-step{meta['step']}"
     context_len = meta["model_config"]["sequence_len"]
     stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    ui_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+    import nanochat
+    ui_path = os.path.join(os.path.dirname(nanochat.__file__), "ui.html")  # shipped as package data
     pool = WorkerPool(workers)  # its queue binds to the server's event loop on first use
     stats = Stats(started=time.time())
 
@@ -537,10 +539,11 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: this machine only)")
     parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--device_type", default="", choices=["", "cuda", "mps", "cpu"], help="default: autodetect")
+    parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args(argv)
     for name, value, (lo, hi) in [("temperature", args.temperature, TEMPERATURE_RANGE),
-                                  ("top_k", args.top_k, TOP_K_RANGE), ("max_tokens", args.max_tokens, MAX_TOKENS_RANGE)]:
+                                  ("top_k", args.top_k, TOP_K_RANGE),
+                                  ("max_tokens", args.max_tokens, MAX_TOKENS_RANGE)]:
         if not lo <= value <= hi:
             parser.error(f"--{name} must be in [{lo}, {hi}], got {value}")
     if args.num_gpus < 1:
@@ -551,19 +554,20 @@ def parse_args(argv=None):
 def main(argv=None):
     import uvicorn
     args = parse_args(argv)
-    try:
-        workers, tokenizer, meta = load_workers(args)
-    except FileNotFoundError as e:
-        raise SystemExit(f"chat_web: {e}") from None
-    app = create_app(workers, tokenizer, meta, args)
-    # Bind the socket ourselves so that -p 0 works and the real address is printed.
+    # Bind the socket first (a taken port fails before minutes of model loading), ourselves so that
+    # -p 0 works and the real address is printed.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
     except OSError as e:
-        raise SystemExit(f"chat_web: cannot listen on {args.host}:{args.port} ({e}); pick another port with -p") from None
+        raise SystemExit(f"chat_web: cannot listen on {args.host}:{args.port} ({e}); use another -p") from None
+    try:
+        workers, tokenizer, meta = load_workers(args)
+    except FileNotFoundError as e:
+        raise SystemExit(f"chat_web: {e}") from None
+    app = create_app(workers, tokenizer, meta, args)
     port = sock.getsockname()[1]
     shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     print(f"nanochat: serving {args.source} model on http://{shown}:{port}", flush=True)

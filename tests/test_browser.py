@@ -26,7 +26,7 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: run `bash dev/install_browser.sh` (apt-get install chromium chromium-driver)")
+        pytest.fail(f"{CHROMIUM} not found: run `bash dev/install_browser.sh` (apt-get installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

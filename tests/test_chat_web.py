@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -186,7 +187,8 @@ def test_stream_decoder_equals_decoding_everything_at_once(tiny_tokenizer):
     specials = [tiny_tokenizer.encode_special("<|assistant_end|>"), tiny_tokenizer.encode_special("<|python_start|>")]
     for case in range(300):
         if case % 3 == 2:  # arbitrary ids: broken byte sequences and specials
-            ids = [rng.choice([rng.randrange(256), rng.randrange(512), *specials]) for _ in range(rng.randrange(1, 40))]
+            ids = [rng.choice([rng.randrange(256), rng.randrange(512), *specials])
+                   for _ in range(rng.randrange(1, 40))]
         else:
             text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 30)))
             ids = tiny_tokenizer.encode(text)
@@ -473,10 +475,18 @@ def test_missing_checkpoint_is_a_clear_error(base_dir_with_tokenizer, tmp_path):
             pass
 
 
-def test_bad_flags_are_rejected(chat_base_dir):
-    for flags in (["-t", "3"], ["-k", "500"], ["-m", "0"], ["-n", "2"]):
-        r = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--device_type", "cpu", *flags],
-                           cwd=REPO_ROOT, env={**os.environ, "NANOCHAT_BASE_DIR": str(chat_base_dir)},
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode != 0
-        assert ("must be" in r.stderr) or ("needs CUDA" in r.stderr), (flags, r.stderr)
+def test_bad_flags_and_a_taken_port_are_rejected(chat_base_dir):
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "scripts.chat_web", "--device_type", "cpu", "--host", "127.0.0.1",
+                               *flags], cwd=REPO_ROOT, env={**os.environ, "NANOCHAT_BASE_DIR": str(chat_base_dir)},
+                              capture_output=True, text=True, timeout=60)
+
+    for flags, message in [(["-t", "3"], "must be"), (["-k", "500"], "must be"), (["-m", "0"], "must be"),
+                           (["-n", "2", "-p", "0"], "needs CUDA")]:
+        r = run(*flags)
+        assert r.returncode != 0 and message in r.stderr, (flags, r.stderr)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run("-p", str(taken.getsockname()[1]))
+    assert r.returncode != 0 and "cannot listen on 127.0.0.1" in r.stderr and "worker 0" not in r.stderr, r.stderr
