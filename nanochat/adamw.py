@@ -39,10 +39,11 @@ class AdamW(ShardedOptimizer):
         state["step"] += 1
         lr, (beta1, beta2), eps, wd, t = group["lr"], group["betas"], group["eps"], group["weight_decay"], state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        param.mul_(1 - lr * wd)  # decoupled weight decay
+        if wd != 0:
+            param.mul_(1 - lr * wd)  # decoupled weight decay
         exp_avg.lerp_(grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
         bias_correction1 = 1 - beta1 ** t
         bias_correction2 = 1 - beta2 ** t
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # √v̂ + eps (one temporary)
         param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)  # p -= lr · m̂ / (√v̂ + eps)
