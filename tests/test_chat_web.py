@@ -236,6 +236,11 @@ def test_greedy_reply_is_deterministic_and_seed_is_honoured(server):
     assert len(sung) > len(SING_CHUNK) and (SING_CHUNK * 5).startswith(sung)
     sampled = {"messages": user("sing"), "temperature": 2.0, "top_k": 0, "max_tokens": 24, "seed": 123}
     assert chat(server, sampled)[0] == chat(server, sampled)[0]
+    # without a seed, every request draws its own (the server logs it)
+    for _ in range(3):
+        chat(server, {"messages": user("random seed please"), "max_tokens": 2})
+    seeds = re.findall(r"seed=(\d+); user: 'random seed please'", server.log())
+    assert len(seeds) == 3 and len(set(seeds)) == 3, seeds
 
 
 def test_max_tokens_caps_the_reply(server):
