@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The CPU preset: every stage of the speedrun at toy size, on the small real data sample shipped in
+# dev/cpu_sample (OpenStax textbook text, ARC/MMLU/GSM8K/HumanEval slices, chat samples, 5 CORE
+# tasks), fully offline. `bash speedrun.sh` runs this when there is no NVIDIA GPU; you can also run
+# it directly:
+#
+#   bash dev/runcpu.sh
+#   CPU_BASE_STEPS=600 CPU_DEPTH=6 bash dev/runcpu.sh    # bigger/longer (see the knobs below)
+#
+# It is a smoke run of the real pipeline, not a way to get a useful model: the model is tiny and
+# sees a few million tokens, so its answers are word salad and its eval scores sit at chance. It
+# finishes in about 15 minutes on 2 CPU cores (set-up on a fresh machine adds 3-5 minutes), writes
+# report.md with a training-curve plot, and ends with a chat answer. Afterwards
+# `python -m scripts.chat_web` (in .venv) serves the model it trained.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+# ----------------------------------------------------------------------------- size knobs
+DEPTH=${CPU_DEPTH:-4}                 # model depth: width 64·depth (d4: 256 wide, 2 heads)
+SEQ_LEN=${CPU_SEQ_LEN:-256}           # context length during every stage
+VOCAB=${CPU_VOCAB:-4096}              # tokenizer vocabulary (256 bytes + merges + 9 specials)
+BATCH=${CPU_BATCH:-8}                 # sequences per step (no gradient accumulation)
+BASE_STEPS=${CPU_BASE_STEPS:-400}     # pretraining steps (BATCH·SEQ_LEN tokens each)
+MID_STEPS=${CPU_MID_STEPS:-100}       # midtraining steps
+SFT_STEPS=${CPU_SFT_STEPS:-60}        # SFT steps (BATCH conversations each)
+RL_STEPS=${CPU_RL_STEPS:-4}           # RL steps (0 = skip RL)
+EVAL_PROBLEMS=${CPU_EVAL_PROBLEMS:-24}  # problems per task in each chat evaluation
+CORE_PER_TASK=${CPU_CORE_PER_TASK:-100} # items per CORE task
+
+# ----------------------------------------------------------------------------- where things are
+export NANOCHAT_PRETRAIN_DIR="$ROOT/dev/cpu_sample/pretrain"   # pretraining shards (last = val)
+export NANOCHAT_DATA_DIR="$ROOT/dev/cpu_sample"                # ARC, MMLU, GSM8K, HumanEval, chat
+export NANOCHAT_EVAL_BUNDLE="$ROOT/dev/cpu_sample/core_sample" # 5 of the 22 CORE tasks
+export WANDB_MODE=${WANDB_MODE:-disabled}
+export MPLCONFIGDIR=${MPLCONFIGDIR:-$(mktemp -d)}
+
+# shellcheck source=dev/pipeline.sh
+source dev/pipeline.sh
+banner "nanochat CPU PRESET (no GPU found): a tiny d$DEPTH model on the bundled sample, offline.
+  This checks that every stage runs; it does not produce a useful model. For the real d20
+  speedrun use a machine with NVIDIA GPUs."
+
+COMMON=(--device_type=cpu)
+TOKENS=$((BATCH * SEQ_LEN))
+
+stage "set-up" bash dev/setup.sh
+activate_venv
+stage "report reset" python -m nanochat.report reset
+
+# ----------------------------------------------------------------------------- tokenizer
+stage "tokenizer training" python -m scripts.tok_train --max_chars=10000000 "--vocab_size=$VOCAB"
+stage "tokenizer evaluation" python -m scripts.tok_eval --reference_timeout=2
+
+# ----------------------------------------------------------------------------- base model
+stage "base training" python -m scripts.base_train "${COMMON[@]}" "--depth=$DEPTH" \
+  "--max_seq_len=$SEQ_LEN" "--device_batch_size=$BATCH" "--total_batch_size=$TOKENS" \
+  "--num_iterations=$BASE_STEPS" --eval_every=100 "--eval_tokens=$((TOKENS * 8))" \
+  --core_metric_every=-1 "--sample_every=$BASE_STEPS"
+stage "base loss" python -m scripts.base_loss "${COMMON[@]}" "--device_batch_size=$BATCH" \
+  "--split_tokens=$((TOKENS * 8))"
+stage "base evaluation (CORE)" python -m scripts.base_eval "${COMMON[@]}" "--max_per_task=$CORE_PER_TASK"
+
+# ----------------------------------------------------------------------------- midtraining
+stage "midtraining" python -m scripts.mid_train "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
+  "--device_batch_size=$BATCH" "--total_batch_size=$TOKENS" "--num_iterations=$MID_STEPS" \
+  --eval_every=50 "--eval_tokens=$((TOKENS * 4))"
+stage "chat evaluation (mid)" python -m scripts.chat_eval -i mid --device_type=cpu \
+  -x "$EVAL_PROBLEMS" -m 64
+
+# ----------------------------------------------------------------------------- supervised fine-tuning
+stage "SFT" python -m scripts.chat_sft "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
+  "--device_batch_size=$BATCH" "--target_examples_per_step=$BATCH" "--num_iterations=$SFT_STEPS" \
+  --eval_every=30 --eval_steps=4 "--eval_metrics_every=$SFT_STEPS" --eval_metrics_max_problems=32
+stage "chat evaluation (sft)" python -m scripts.chat_eval -i sft --device_type=cpu \
+  -x "$EVAL_PROBLEMS" -m 64
+
+# ----------------------------------------------------------------------------- reinforcement learning
+if [[ "$RL_STEPS" -gt 0 ]]; then
+  stage "RL" python -m scripts.chat_rl "${COMMON[@]}" --device_batch_size=4 --examples_per_step=2 \
+    --num_samples=4 --max_new_tokens=48 "--num_iterations=$RL_STEPS" "--eval_every=$RL_STEPS" \
+    --eval_examples=8 "--save_every=$RL_STEPS"
+  stage "chat evaluation (rl)" python -m scripts.chat_eval -i rl --device_type=cpu -a GSM8K \
+    -x "$EVAL_PROBLEMS" -m 64
+fi
+
+# ----------------------------------------------------------------------------- report card and a chat
+stage "report" python -m nanochat.report generate
+cat report.md
+stage "chat" python -m scripts.chat_cli -i sft --device_type=cpu -m 48 -p "Why is the sky blue?"
+banner "CPU preset done in $((SECONDS / 60)) min $((SECONDS % 60)) s. report.md is the report card.
+  Chat in a browser:  source .venv/bin/activate && python -m scripts.chat_web   (then open http://localhost:8000)"

@@ -1,0 +1,112 @@
+"""The pipelines: speedrun.sh / run1000.sh print exactly the expected GPU commands in --dry-run,
+every shell script parses, and (slow) the CPU preset runs every stage end to end with tiny knobs
+in a temporary base dir and fills the report card."""
+
+import math
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+
+TORCHRUN = "torchrun --standalone --nproc_per_node=8"
+SPEEDRUN = [
+    "bash dev/setup.sh",
+    "python -m nanochat.report reset",
+    "python -m nanochat.dataset -n 8",
+    "python -m nanochat.dataset -n 240 &",
+    "python -m scripts.tok_train --max_chars=2000000000",
+    "python -m scripts.tok_eval",
+    "wait  # download 240 shards",
+    f"{TORCHRUN} -m scripts.base_train -- --depth=20 --run=dummy",
+    f"{TORCHRUN} -m scripts.base_loss",
+    f"{TORCHRUN} -m scripts.base_eval",
+    f"{TORCHRUN} -m scripts.mid_train -- --run=dummy",
+    f"{TORCHRUN} -m scripts.chat_eval -i mid",
+    f"{TORCHRUN} -m scripts.chat_sft -- --run=dummy",
+    f"{TORCHRUN} -m scripts.chat_eval -i sft",
+    "python -m nanochat.report generate",
+]
+
+
+def dry_run(script, **env):
+    proc = subprocess.run(["bash", script, "--dry-run"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_speedrun_dry_run_prints_the_gpu_recipe():
+    env = {"NPROC_PER_NODE": "8", "WANDB_RUN": "dummy", "RUN_RL": "0"}
+    assert dry_run("speedrun.sh", **env) == SPEEDRUN
+
+
+def test_speedrun_dry_run_with_rl_and_wandb():
+    commands = dry_run("speedrun.sh", NPROC_PER_NODE="4", WANDB_RUN="d20", RUN_RL="1")
+    assert "torchrun --standalone --nproc_per_node=4 -m scripts.base_train -- --depth=20 --run=d20" in commands
+    rl = commands.index("torchrun --standalone --nproc_per_node=4 -m scripts.chat_rl -- --run=d20")
+    assert commands[rl + 1] == "torchrun --standalone --nproc_per_node=4 -m scripts.chat_eval -i rl -a GSM8K"
+    assert commands[-1] == "python -m nanochat.report generate"
+
+
+def test_run1000_dry_run_prints_the_d32_recipe():
+    commands = dry_run("run1000.sh", NPROC_PER_NODE="8", WANDB_RUN="dummy", RUN_RL="0")
+    assert "python -m nanochat.dataset -n 800 &" in commands
+    assert "python -m scripts.tok_train --max_chars=4000000000" in commands
+    assert f"{TORCHRUN} -m scripts.base_train -- --depth=32 --device_batch_size=8 --run=dummy" in commands
+    assert f"{TORCHRUN} -m scripts.mid_train -- --device_batch_size=8 --run=dummy" in commands
+    assert commands.index("python -m nanochat.report reset") < commands.index(f"{TORCHRUN} -m scripts.chat_eval -i sft")
+
+
+def test_unknown_argument_is_an_error():
+    proc = subprocess.run(["bash", "speedrun.sh", "--fast"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["speedrun.sh", "run1000.sh", "dev/runcpu.sh", "dev/pipeline.sh",
+                                    "dev/setup.sh", "dev/test.sh", "dev/offline_crates.sh",
+                                    "dev/install_browser.sh", ".ci/run"])
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", script], cwd=REPO_ROOT).returncode == 0
+
+
+def test_a_failing_stage_stops_the_pipeline_and_names_it(tmp_path):
+    script = tmp_path / "p.sh"
+    script.write_text(f'source "{REPO_ROOT}/dev/pipeline.sh"\nstage "first" true\nstage "second" false\n'
+                      'stage "third" touch never\n')
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "stage 'second' failed" in proc.stderr and not (tmp_path / "never").exists()
+
+
+def section_metrics(report_text: str, section: str) -> dict[str, str]:
+    body = report_text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^- ([^:]+): (.+)$", body, re.M))
+
+
+@pytest.mark.slow
+def test_cpu_preset_runs_every_stage(base_dir):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "CPU_DEPTH": "2", "CPU_SEQ_LEN": "128",
+           "CPU_VOCAB": "1024", "CPU_BATCH": "4", "CPU_BASE_STEPS": "12", "CPU_MID_STEPS": "4",
+           "CPU_SFT_STEPS": "4", "CPU_RL_STEPS": "1", "CPU_EVAL_PROBLEMS": "4", "CPU_CORE_PER_TASK": "8"}
+    proc = subprocess.run(["bash", "dev/runcpu.sh"], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "CPU PRESET" in proc.stdout and "CPU preset done" in proc.stdout
+
+    for path in ["tokenizer/tokenizer.pkl", "tokenizer/token_bytes.pt", "base_checkpoints/d2/model_000012.pt",
+                 "mid_checkpoints/d2/model_000004.pt", "chatsft_checkpoints/d2/model_000004.pt",
+                 "chatrl_checkpoints/d2/model_000001.pt", "report/report.md", "report/training_curve.png"]:
+        assert (base_dir / path).exists(), path
+    report = (base_dir / "report" / "report.md").read_text()
+    val_bpb = float(section_metrics(report, "Base model training")["min val bpb"])
+    assert math.isfinite(val_bpb) and 0 < val_bpb < 10
+    table = dict(re.findall(r"^\| (\S+) \| (.+) \|$", report, re.M))
+    assert re.fullmatch(r"-?\d\.\d{4}", table["CORE"].split(" | ")[0])  # BASE column (centered: may be < 0)
+    for task in ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]:
+        mid, sft = table[task].split(" | ")[1:3]
+        assert re.fullmatch(r"-?\d\.\d{4}", mid) and re.fullmatch(r"-?\d\.\d{4}", sft), (task, table[task])
+    # it ends with a chat answer
+    assert proc.stdout.split("stage: chat\n", 1)[1].strip()
