@@ -33,7 +33,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 logger = logging.getLogger("nanochat")
 
@@ -43,21 +43,6 @@ SOURCES = {  # source -> (checkpoint directory, the command that produces it)
     "sft": ("chatsft_checkpoints", "python -m scripts.chat_sft"),
     "rl": ("chatrl_checkpoints", "python -m scripts.chat_rl"),
 }
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call write(file) on a temp file next to `path`, flush it to disk, rename it into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _barrier() -> None:
@@ -75,10 +60,10 @@ def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, opt
         os.remove(meta_path)  # re-saving this step: it is incomplete until the new meta lands
     _barrier()
     if optimizer_data is not None:
-        _atomic_write(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"),
+        atomic_write(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"),
                       lambda f: torch.save(optimizer_data, f))
     if rank == 0 and model_data is not None:
-        _atomic_write(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_data, f))
+        atomic_write(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_data, f))
     _barrier()  # every rank's files are complete
     if rank == 0:
         # temp files left by a process killed during an earlier save; nobody is writing now
@@ -86,7 +71,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, opt
             os.remove(stale)
         meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "has_optimizer": optimizer_data is not None, **meta_data}
-        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
     _barrier()
 

@@ -218,6 +218,22 @@ def get_wandb(run: str, project: str, config: dict, master_process: bool):
 # Files: an inter-process lock and a retrying, atomic download
 
 
+def atomic_write(path: str, write_fn) -> None:
+    """Call write_fn(file) on `path.tmp<pid>` (binary), flush it to disk, then rename it over `path`:
+    a crash at any point leaves either the old file or the new one, never a partial one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def file_lock(path: str):
     """Exclusive lock on `path` (created if needed) across processes, e.g. torchrun ranks."""

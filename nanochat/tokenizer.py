@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 # GPT-4's pre-tokenisation regex with digit runs capped at two (\p{N}{1,2}).
 SPLIT_PATTERN = (
@@ -55,24 +54,6 @@ SPECIAL_TOKENS = [
 
 TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Call write_fn(file) on a temp file next to `path`, then rename it over `path`: a crash never
-    leaves a partial file under the final name."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the tokenizer is an ordinary shared file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _import_rustbpe():
@@ -146,8 +127,8 @@ class RustBPETokenizer:
         """Write tokenizer.pkl and token_bytes.pt into tokenizer_dir, each atomically."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         token_bytes = compute_token_bytes(self)
-        _atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
-        _atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), lambda f: pickle.dump(self.enc, f))
+        atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
+        atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), lambda f: pickle.dump(self.enc, f))
 
     # ------------------------------------------------------------------ vocabulary
 
