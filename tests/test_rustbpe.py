@@ -112,4 +112,4 @@ def test_not_an_iterable():
 
 @pytest.mark.slow
 def test_merges_equal_reference_on_a_larger_slice(shakespeare):
-    check_same_merges([shakespeare[:200_000]], 1024)
+    check_same_merges([shakespeare[:100_000]], 768)
