@@ -25,7 +25,7 @@
 
 use std::cmp::Ordering;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use compact_str::CompactString;
 use dary_heap::OctonaryHeap;
 use log::{info, warn};
@@ -42,6 +42,12 @@ pub const GPT4_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+
 const GPT4_PATTERN_DFA: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+";
 
 type Pair = (u32, u32);
+
+/// For each pair, the ids of the words that hold it (or held it: a later merge may have used it up),
+/// each word listed once. A Vec, not a set: a pair gains words only in the merge step that creates
+/// its newer token (after that, neither token is new), so a word is pushed only while it is being
+/// rewritten, and checking the last entry is enough to list it once.
+type WhereFound = AHashMap<Pair, Vec<u32>>;
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
@@ -61,37 +67,37 @@ impl Word {
         self.ids.windows(2).map(|w| (w[0], w[1]))
     }
 
-    /// Replace every occurrence of `pair` (left to right, no overlap) by `new_id`. Returns the
-    /// changes to this word's pair counts, one (pair, ±1) per change (not yet weighted).
-    fn merge_pair(&mut self, pair: Pair, new_id: u32) -> Vec<(Pair, i64)> {
+    /// Replace every occurrence of `pair` (left to right, no overlap) by `new_id`, in place. Reports
+    /// each change to this word's pair counts to `on_delta(pair, ±1)` (not yet weighted).
+    fn merge_pair(&mut self, pair: Pair, new_id: u32, mut on_delta: impl FnMut(Pair, i64)) {
         let (a, b) = pair;
-        let n = self.ids.len();
-        let mut out: Vec<u32> = Vec::with_capacity(n);
-        let mut deltas = Vec::new();
-        let mut i = 0;
-        while i < n {
-            if i + 1 < n && self.ids[i] == a && self.ids[i + 1] == b {
+        let ids = &mut self.ids;
+        let n = ids.len();
+        let (mut read, mut write) = (0, 0); // write <= read: the input ahead is never overwritten
+        while read < n {
+            if read + 1 < n && ids[read] == a && ids[read + 1] == b {
                 // The left neighbour is read from the output (it may be a token merged just
                 // before), the right one from the input (a following merge reports its own side).
-                if let Some(&left) = out.last() {
-                    deltas.push(((left, a), -1));
-                    deltas.push(((left, new_id), 1));
+                if write > 0 {
+                    let left = ids[write - 1];
+                    on_delta((left, a), -1);
+                    on_delta((left, new_id), 1);
                 }
-                deltas.push((pair, -1));
-                if i + 2 < n {
-                    let right = self.ids[i + 2];
-                    deltas.push(((b, right), -1));
-                    deltas.push(((new_id, right), 1));
+                on_delta(pair, -1);
+                if read + 2 < n {
+                    let right = ids[read + 2];
+                    on_delta((b, right), -1);
+                    on_delta((new_id, right), 1);
                 }
-                out.push(new_id);
-                i += 2;
+                ids[write] = new_id;
+                read += 2;
             } else {
-                out.push(self.ids[i]);
-                i += 1;
+                ids[write] = ids[read];
+                read += 1;
             }
+            write += 1;
         }
-        self.ids = out;
-        deltas
+        ids.truncate(write);
     }
 }
 
@@ -205,16 +211,19 @@ fn count_chunks(texts: &[String], splitter: &Splitter) -> Result<AHashMap<Compac
 }
 
 /// Weighted pair counts over all words, and for each pair the words holding it (in parallel).
-fn count_pairs(words: &[Word], counts: &[i64]) -> (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<usize>>) {
+fn count_pairs(words: &[Word], counts: &[i64]) -> (AHashMap<Pair, i64>, WhereFound) {
     words
         .par_iter()
         .enumerate()
         .fold(
             || (AHashMap::new(), AHashMap::new()),
-            |(mut pair_counts, mut where_found): (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<usize>>), (i, word)| {
+            |(mut pair_counts, mut where_found): (AHashMap<Pair, i64>, WhereFound), (i, word)| {
                 for pair in word.pairs() {
                     *pair_counts.entry(pair).or_insert(0) += counts[i];
-                    where_found.entry(pair).or_default().insert(i);
+                    let holders = where_found.entry(pair).or_default();
+                    if holders.last() != Some(&(i as u32)) {
+                        holders.push(i as u32);
+                    }
                 }
                 (pair_counts, where_found)
             },
@@ -224,7 +233,7 @@ fn count_pairs(words: &[Word], counts: &[i64]) -> (AHashMap<Pair, i64>, AHashMap
             |(mut counts_a, mut where_a), (counts_b, where_b)| {
                 add_counts(&mut counts_a, counts_b);
                 for (pair, words) in where_b {
-                    where_a.entry(pair).or_default().extend(words);
+                    where_a.entry(pair).or_default().extend(words); // other words: no repeats
                 }
                 (counts_a, where_a)
             },
@@ -260,16 +269,23 @@ fn learn_merges(words: &mut [Word], counts: &[i64], num_merges: u32) -> Vec<(Pai
         let new_id = 256 + merges.len() as u32;
         merges.push((job.pair, new_id));
 
-        // Rewrite the words holding the pair; collect the pairs that the merge creates.
-        let mut created: AHashSet<Pair> = AHashSet::new();
+        // Rewrite the words holding the pair; collect the pairs that the merge creates (the pairs
+        // that gain counts all contain new_id, so they are new: their word lists start empty).
+        let mut created: Vec<Pair> = Vec::new();
         for i in where_found.remove(&job.pair).unwrap_or_default() {
-            for (pair, delta) in words[i].merge_pair(job.pair, new_id) {
-                *pair_counts.entry(pair).or_insert(0) += delta * counts[i];
+            let weight = counts[i as usize];
+            words[i as usize].merge_pair(job.pair, new_id, |pair, delta| {
+                *pair_counts.entry(pair).or_insert(0) += delta * weight;
                 if delta > 0 {
-                    where_found.entry(pair).or_default().insert(i);
-                    created.insert(pair);
+                    let holders = where_found.entry(pair).or_default();
+                    if holders.is_empty() {
+                        created.push(pair);
+                    }
+                    if holders.last() != Some(&i) {
+                        holders.push(i);
+                    }
                 }
-            }
+            });
         }
         pair_counts.remove(&job.pair);
         for pair in created {
@@ -318,6 +334,9 @@ impl Tokenizer {
     }
 
     fn from_chunk_counts(counts: AHashMap<CompactString, i64>, vocab_size: u32, pattern: &str) -> Result<Self, String> {
+        if counts.len() > u32::MAX as usize {
+            return Err(format!("{} distinct chunks: more than the 2^32 this trainer indexes", counts.len()));
+        }
         let (mut words, weights): (Vec<Word>, Vec<i64>) = counts.into_iter().map(|(chunk, n)| (Word::new(&chunk), n)).unzip();
         let merges = learn_merges(&mut words, &weights, vocab_size - 256);
         Self::with_merges(pattern, merges)
@@ -329,7 +348,7 @@ impl Tokenizer {
         while word.ids.len() >= 2 {
             let best = word.pairs().filter_map(|pair| self.ranks.get(&pair).map(|&id| (id, pair))).min();
             let Some((new_id, pair)) = best else { break };
-            word.merge_pair(pair, new_id);
+            word.merge_pair(pair, new_id, |_, _| {});
         }
         word.ids
     }
@@ -465,12 +484,9 @@ mod tests {
     fn merge_pair_reports_exact_deltas() {
         // "aaaa" holds (a,a) 3 times; merging gives [N, N], which holds (N,N) once.
         let mut word = Word { ids: vec![1, 1, 1, 1] };
-        let deltas = word.merge_pair((1, 1), 9);
-        assert_eq!(word.ids, vec![9, 9]);
         let mut net: AHashMap<Pair, i64> = AHashMap::new();
-        for (pair, d) in deltas {
-            *net.entry(pair).or_insert(0) += d;
-        }
+        word.merge_pair((1, 1), 9, |pair, d| *net.entry(pair).or_insert(0) += d);
+        assert_eq!(word.ids, vec![9, 9]);
         net.retain(|_, d| *d != 0);
         let expected: AHashMap<Pair, i64> = [((1, 1), -3), ((9, 9), 1)].into_iter().collect();
         assert_eq!(net, expected);
@@ -479,7 +495,7 @@ mod tests {
     #[test]
     fn overlapping_pairs_merge_left_to_right() {
         let mut word = Word { ids: vec![1, 1, 1] };
-        word.merge_pair((1, 1), 9);
+        word.merge_pair((1, 1), 9, |_, _| {});
         assert_eq!(word.ids, vec![9, 1]);
     }
 
