@@ -21,9 +21,9 @@ DEPTH=${CPU_DEPTH:-4}                 # model depth: width 64·depth (d4: 256 wi
 SEQ_LEN=${CPU_SEQ_LEN:-256}           # context length during every stage
 VOCAB=${CPU_VOCAB:-4096}              # tokenizer vocabulary (256 bytes + merges + 9 specials)
 BATCH=${CPU_BATCH:-8}                 # sequences per step (no gradient accumulation)
-BASE_STEPS=${CPU_BASE_STEPS:-400}     # pretraining steps (BATCH·SEQ_LEN tokens each)
-MID_STEPS=${CPU_MID_STEPS:-100}       # midtraining steps
-SFT_STEPS=${CPU_SFT_STEPS:-60}        # SFT steps (BATCH conversations each)
+BASE_STEPS=${CPU_BASE_STEPS:-160}     # pretraining steps (BATCH·SEQ_LEN tokens each)
+MID_STEPS=${CPU_MID_STEPS:-60}       # midtraining steps
+SFT_STEPS=${CPU_SFT_STEPS:-40}        # SFT steps (BATCH conversations each)
 RL_STEPS=${CPU_RL_STEPS:-4}           # RL steps (0 = skip RL)
 EVAL_PROBLEMS=${CPU_EVAL_PROBLEMS:-24}  # problems per task in each chat evaluation
 CORE_PER_TASK=${CPU_CORE_PER_TASK:-100} # items per CORE task
@@ -55,7 +55,7 @@ stage "tokenizer evaluation" python -m scripts.tok_eval --reference_timeout=2
 # ----------------------------------------------------------------------------- base model
 stage "base training" python -m scripts.base_train "${COMMON[@]}" "--depth=$DEPTH" \
   "--max_seq_len=$SEQ_LEN" "--device_batch_size=$BATCH" "--total_batch_size=$TOKENS" \
-  "--num_iterations=$BASE_STEPS" --eval_every=100 "--eval_tokens=$((TOKENS * 8))" \
+  "--num_iterations=$BASE_STEPS" --eval_every=40 "--eval_tokens=$((TOKENS * 8))" \
   --core_metric_every=-1 "--sample_every=$BASE_STEPS"
 stage "base loss" python -m scripts.base_loss "${COMMON[@]}" "--device_batch_size=$BATCH" \
   "--split_tokens=$((TOKENS * 8))"
@@ -64,14 +64,14 @@ stage "base evaluation (CORE)" python -m scripts.base_eval "${COMMON[@]}" "--max
 # ----------------------------------------------------------------------------- midtraining
 stage "midtraining" python -m scripts.mid_train "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
   "--device_batch_size=$BATCH" "--total_batch_size=$TOKENS" "--num_iterations=$MID_STEPS" \
-  --eval_every=50 "--eval_tokens=$((TOKENS * 4))"
+  --eval_every=30 "--eval_tokens=$((TOKENS * 4))"
 stage "chat evaluation (mid)" python -m scripts.chat_eval -i mid --device_type=cpu \
   -x "$EVAL_PROBLEMS" -m 64
 
 # ----------------------------------------------------------------------------- supervised fine-tuning
 stage "SFT" python -m scripts.chat_sft "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
   "--device_batch_size=$BATCH" "--target_examples_per_step=$BATCH" "--num_iterations=$SFT_STEPS" \
-  --eval_every=30 --eval_steps=4 "--eval_metrics_every=$SFT_STEPS" --eval_metrics_max_problems=32
+  --eval_every=20 --eval_steps=4 "--eval_metrics_every=$SFT_STEPS" --eval_metrics_max_problems=32
 stage "chat evaluation (sft)" python -m scripts.chat_eval -i sft --device_type=cpu \
   -x "$EVAL_PROBLEMS" -m 64
 
