@@ -280,6 +280,8 @@ def main():
     if "pypi" in trainers and (why := install_pypi_wheel(pypi_dir)):
         trainers.remove("pypi")
         notes["pypi"] = why
+        if not trainers:
+            raise SystemExit(f"nothing to run: {why}")
     corpus, facts = build_corpus(cache_dir, cfg.mb, cfg.data_dir or default_data_dir())
     load_before = os.getloadavg()
     print(f"corpus: {facts['docs']:,} documents, {facts['chars'] / 1e6:.1f} M chars, {facts['bytes'] / 1e6:.1f} MB of UTF-8: "
@@ -352,6 +354,8 @@ def main():
               f"| {encode['ours']['mb_per_s']:.1f} | {encode['ours']['bytes'] / encode['ours']['tokens']:.2f} |")
         print(f"| HF tokenizers, encode_batch | {encode['hf']['mb_per_s']:.1f} | {encode['hf']['bytes'] / encode['hf']['tokens']:.2f} |")
         print(f"ours / HF: {ratio(encode['ours']['mb_per_s'], encode['hf']['mb_per_s'])} the throughput")
+    elif cfg.encode_mb > 0:
+        print("\n(encode throughput needs both ours and hf in --trainers: skipped)")
 
     if cfg.json:
         with open(cfg.json, "w") as f:
