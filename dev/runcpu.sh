@@ -21,12 +21,12 @@ DEPTH=${CPU_DEPTH:-4}                 # model depth: width 64·depth (d4: 256 wi
 SEQ_LEN=${CPU_SEQ_LEN:-256}           # context length during every stage
 VOCAB=${CPU_VOCAB:-4096}              # tokenizer vocabulary (256 bytes + merges + 9 specials)
 BATCH=${CPU_BATCH:-8}                 # sequences per step (no gradient accumulation)
-BASE_STEPS=${CPU_BASE_STEPS:-160}     # pretraining steps (BATCH·SEQ_LEN tokens each)
-MID_STEPS=${CPU_MID_STEPS:-60}       # midtraining steps
-SFT_STEPS=${CPU_SFT_STEPS:-40}        # SFT steps (BATCH conversations each)
+BASE_STEPS=${CPU_BASE_STEPS:-120}     # pretraining steps (BATCH·SEQ_LEN tokens each)
+MID_STEPS=${CPU_MID_STEPS:-40}       # midtraining steps
+SFT_STEPS=${CPU_SFT_STEPS:-30}        # SFT steps (BATCH conversations each)
 RL_STEPS=${CPU_RL_STEPS:-4}           # RL steps (0 = skip RL)
 EVAL_PROBLEMS=${CPU_EVAL_PROBLEMS:-24}  # problems per task in each chat evaluation
-CORE_PER_TASK=${CPU_CORE_PER_TASK:-100} # items per CORE task
+CORE_PER_TASK=${CPU_CORE_PER_TASK:-40}  # items per CORE task
 
 # ----------------------------------------------------------------------------- where things are
 export NANOCHAT_PRETRAIN_DIR="$ROOT/dev/cpu_sample/pretrain"   # pretraining shards (last = val)
@@ -58,7 +58,7 @@ stage "base training" python -m scripts.base_train "${COMMON[@]}" "--depth=$DEPT
   "--num_iterations=$BASE_STEPS" --eval_every=40 "--eval_tokens=$((TOKENS * 8))" \
   --core_metric_every=-1 "--sample_every=$BASE_STEPS"
 stage "base loss" python -m scripts.base_loss "${COMMON[@]}" "--device_batch_size=$BATCH" \
-  "--split_tokens=$((TOKENS * 8))"
+  "--split_tokens=$((TOKENS * 4))"
 stage "base evaluation (CORE)" python -m scripts.base_eval "${COMMON[@]}" "--max_per_task=$CORE_PER_TASK"
 
 # ----------------------------------------------------------------------------- midtraining
