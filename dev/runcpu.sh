@@ -25,7 +25,7 @@ BASE_STEPS=${CPU_BASE_STEPS:-120}     # pretraining steps (BATCH·SEQ_LEN tokens
 MID_STEPS=${CPU_MID_STEPS:-40}       # midtraining steps
 SFT_STEPS=${CPU_SFT_STEPS:-30}        # SFT steps (BATCH conversations each)
 RL_STEPS=${CPU_RL_STEPS:-4}           # RL steps (0 = skip RL)
-EVAL_PROBLEMS=${CPU_EVAL_PROBLEMS:-24}  # problems per task in each chat evaluation
+EVAL_PROBLEMS=${CPU_EVAL_PROBLEMS:-16}  # problems per task in each chat evaluation
 CORE_PER_TASK=${CPU_CORE_PER_TASK:-40}  # items per CORE task
 
 # ----------------------------------------------------------------------------- where things are
@@ -66,14 +66,14 @@ stage "midtraining" python -m scripts.mid_train "${COMMON[@]}" "--max_seq_len=$S
   "--device_batch_size=$BATCH" "--total_batch_size=$TOKENS" "--num_iterations=$MID_STEPS" \
   --eval_every=30 "--eval_tokens=$((TOKENS * 4))"
 stage "chat evaluation (mid)" python -m scripts.chat_eval -i mid --device_type=cpu \
-  -x "$EVAL_PROBLEMS" -m 64
+  -x "$EVAL_PROBLEMS" -m 48
 
 # ----------------------------------------------------------------------------- supervised fine-tuning
 stage "SFT" python -m scripts.chat_sft "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
   "--device_batch_size=$BATCH" "--target_examples_per_step=$BATCH" "--num_iterations=$SFT_STEPS" \
   --eval_every=20 --eval_steps=4 "--eval_metrics_every=$SFT_STEPS" --eval_metrics_max_problems=32
 stage "chat evaluation (sft)" python -m scripts.chat_eval -i sft --device_type=cpu \
-  -x "$EVAL_PROBLEMS" -m 64
+  -x "$EVAL_PROBLEMS" -m 48
 
 # ----------------------------------------------------------------------------- reinforcement learning
 if [[ "$RL_STEPS" -gt 0 ]]; then
@@ -81,7 +81,7 @@ if [[ "$RL_STEPS" -gt 0 ]]; then
     --num_samples=4 --max_new_tokens=48 "--num_iterations=$RL_STEPS" "--eval_every=$RL_STEPS" \
     --eval_examples=8 "--save_every=$RL_STEPS"
   stage "chat evaluation (rl)" python -m scripts.chat_eval -i rl --device_type=cpu -a GSM8K \
-    -x "$EVAL_PROBLEMS" -m 64
+    -x "$EVAL_PROBLEMS" -m 48
 fi
 
 # ----------------------------------------------------------------------------- report card and a chat
