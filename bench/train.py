@@ -22,6 +22,7 @@ Run:
   peak is used, so a machine that gets busier mid-run cannot flatter the ratio.
 """
 
+import os
 import statistics
 import time
 
@@ -40,10 +41,10 @@ DEFAULTS = dict(
     depth=6,
     max_seq_len=512,
     vocab_size=65536,
-    device_batch_size=4,
-    grad_accum_steps=4,  # micro-batches per optimiser step
+    device_batch_size=2,
+    grad_accum_steps=4,  # micro-batches per optimiser step: 4,096 tokens amortise the optimisers
     grad_clip=1.0,
-    steps=5,  # timed steps
+    steps=3,  # timed steps
     warmup_steps=1,
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
     matmul_size=4096,  # side of the square matmul that measures the peak
@@ -127,6 +128,7 @@ def train_step() -> tuple[float, float]:
 # -----------------------------------------------------------------------------
 # Measure: peak, steps, peak again
 
+load_before = os.getloadavg()[0]  # other processes on the machine skew both numbers: show them
 peaks = [measure_matmul_flops(cfg.matmul_size)]
 for _ in range(cfg.warmup_steps):
     train_step()
@@ -154,6 +156,7 @@ rows = [
 if device_type == "cuda":
     rows.append(("bf16 data-sheet peak", f"{sheet_peak / 1e12:.0f} TFLOP/s" if sheet_peak else "unknown device"))
 rows.append((f"MFU vs {peak_name}", f"{100 * achieved / peak:.1f}%" if peak else "n/a"))
+rows.append(("threads / load average before, after", f"{torch.get_num_threads()} / {load_before:.1f}, {os.getloadavg()[0]:.1f}"))
 width = max(len(name) for name, _ in rows)
 print0("-" * (width + 30))
 for name, value in rows:

@@ -11,6 +11,7 @@ Tests for nanochat/adamw.py, nanochat/muon.py and nanochat/dist_optim.py on one 
   one full update with both optimisers and clipping.
 - clip_grad_norm equals torch.nn.utils.clip_grad_norm_ (clipping and not clipping).
 - state_dict / load_state_dict: a run interrupted and resumed equals the uninterrupted run.
+- bench/train.py runs end to end on a tiny config.
 """
 
 import copy
@@ -253,3 +254,21 @@ def test_optimizer_state_dict_resumes_exactly():
         train_step(resumed, opts, [batch], max_norm=1.0)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_bench_train_runs_and_reports():
+    """bench/train.py end to end on a tiny config (a real subprocess; its numbers are not checked)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    cmd = [sys.executable, "-m", "bench.train", "--device_type=cpu", "--depth=1", "--vocab_size=256",
+           "--max_seq_len=32", "--device_batch_size=2", "--grad_accum_steps=2", "--steps=2",
+           "--matmul_size=128", "--threads=1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("tokens per step", "tokens/s", "model FLOP/s", "MFU vs measured fp32 matmul"):
+        assert row in proc.stdout
+    assert "128 tokens" in proc.stdout  # 2 micro-batches x 2 rows x 32 tokens
