@@ -17,9 +17,10 @@ its local gradients, and the optimisers synchronise. One training step:
     model.zero_grad(set_to_none=True)
 
 `reduce_gradients()` and `clip_grad_norm()` are optional: `step()` reduces first if nobody did.
-Clipping must see the gradient the optimisers will apply: the local gradient of one rank is not
-it (its norm is larger, by up to √world_size for noise), so `clip_grad_norm` takes the squared
-norms of the shards each rank owns after averaging, all-reduces their sum, and scales those shards.
+Clipping must see the gradient the optimisers will apply: one rank's local gradient is not it (it
+averages fewer examples, so its noise and usually its norm are larger, and ranks would disagree),
+so `clip_grad_norm` takes the squared norms of the shards each rank owns after averaging,
+all-reduces their sum, and scales those shards.
 
 How the work is split over W ranks (this one is `rank`):
 - "rows" (AdamW, ZeRO-2): each parameter's gradient is reduce-scattered (averaged) along dim 0

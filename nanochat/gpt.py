@@ -19,6 +19,10 @@ blocks [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> `lm_head` -> 15·tanh
   speedruns such as modded-nanogpt).
 - Logits soft-capped at 15 in fp32, so bf16 logits can neither overflow nor grow without bound.
 
+All parameters stay fp32 on every device; under bf16 autocast the matmuls run in bf16. (The original
+stored the embedding in bf16 on CUDA to save memory; fp32 is at least as accurate, and AdamW's
+small updates to it are not rounded away.)
+
 This file never looks at ranks or devices: gradient synchronisation lives in the optimisers
 (nanochat/dist_optim.py), device choice in nanochat/common.py. Parameter names follow the original
 nanochat (`transformer.wte`, `transformer.h.{i}.attn.c_q`, ..., `lm_head`).
