@@ -9,7 +9,7 @@
 #   bash speedrun.sh --dry-run             # print the GPU commands without running anything
 #
 # With no NVIDIA GPU it runs the tiny CPU preset instead (dev/runcpu.sh): every stage, offline, on
-# the data sample shipped in dev/cpu_sample, in about 15-20 minutes on 2 cores.
+# the data sample shipped in dev/cpu_sample, in about 10 minutes on 2 idle cores.
 #
 # Stops at the first failing stage and says which. Safe to re-run: finished shard downloads and a
 # tokenizer trained with the same settings are kept.

@@ -8,9 +8,9 @@
 #   CPU_BASE_STEPS=600 CPU_DEPTH=6 bash dev/runcpu.sh    # bigger/longer (see the knobs below)
 #
 # It is a smoke run of the real pipeline, not a way to get a useful model: the model is tiny and
-# sees a few million tokens, so its answers are word salad and its eval scores sit at chance. It
-# finishes in about 15 minutes on 2 CPU cores (set-up on a fresh machine adds 3-5 minutes), writes
-# report.md with a training-curve plot, and ends with a chat answer. Afterwards
+# sees a few hundred thousand tokens, so its answers are word salad and its eval scores sit at
+# chance. It finishes in about 8 minutes on 2 idle CPU cores (a fresh clone took 10 min 3 s,
+# set-up included), writes report.md with a training-curve plot, and ends with a chat answer. Afterwards
 # `python -m scripts.chat_web` (in .venv) serves the model it trained.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -122,9 +122,15 @@ class Compute:
             torch.mps.synchronize()
 
     def max_memory_allocated(self) -> int:
-        """Peak device memory in bytes; 0 where the backend does not track it."""
+        """Peak memory in bytes: tensors on the GPU for CUDA; the whole process's peak resident
+        set on the CPU (weights, activations, Python and all); 0 on MPS, which has no peak."""
         if self.device_type == "cuda":
             return torch.cuda.max_memory_allocated()
+        if self.device_type == "cpu":
+            import resource
+            import sys
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
         return 0
 
 

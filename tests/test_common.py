@@ -18,7 +18,9 @@ def test_compute_init_cpu_single_process():
     assert compute.device_type == "cpu" and compute.world_size == 1 and compute.master_process
     assert not compute.ddp
     compute.synchronize()  # no-op off CUDA
-    assert compute.max_memory_allocated() == 0
+    # on the CPU the peak is the process's resident set: more than the 64 MiB buffer just touched
+    buffer = torch.ones(16 * 1024 * 1024)
+    assert compute.max_memory_allocated() > buffer.numel() * 4
     with compute.autocast():
         assert torch.ones(2).dtype == torch.float32
 
