@@ -33,7 +33,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_write, get_base_dir, print0
 
 logger = logging.getLogger("nanochat")
 
@@ -163,3 +163,28 @@ def load_model(source: str, device: torch.device | str, phase: str, model_tag: s
         return build_model(checkpoint_dir, step, device, phase)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no usable {source} checkpoint ({e}); `{producer}` writes them") from e
+
+
+def load_start_model(stage: str, source: str, device: torch.device | str, rank: int, model_tag: str = "",
+                     step: int = -1, resume_from_step: int = -1):
+    """The model a fine-tuning stage (mid, sft or rl) trains, in train mode.
+
+    Normally: checkpoint `step` of `source` (default: its largest tag, latest step). With
+    `resume_from_step >= 0`: that step of the stage's own checkpoints instead, with this rank's
+    optimiser shard. Returns (model, tokenizer, meta, optimizer_data, checkpoint_dir, start):
+    optimizer_data is None unless resuming; checkpoint_dir is where the stage saves; start =
+    {"source", "model_tag", "step"} names the model the stage began from, and the stage keeps it
+    in its checkpoints' meta (as "start_source") so a resumed run still knows."""
+    checkpoints_root = os.path.join(get_base_dir(), SOURCES[stage][0])
+    if resume_from_step >= 0:
+        checkpoint_dir = os.path.join(checkpoints_root, model_tag or find_largest_model(checkpoints_root))
+        print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
+        model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, device, phase="train")
+        _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True,
+                                               rank=rank)
+        return model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"]
+    model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
+                                        step=None if step < 0 else step)
+    model_tag = model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0]))
+    start = {"source": source, "model_tag": model_tag, "step": meta["step"]}
+    return model, tokenizer, meta, None, os.path.join(checkpoints_root, model_tag), start

@@ -225,20 +225,21 @@ class GPT(nn.Module):
         return 6 * num_matmul_params + attention
 
     def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                         weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+                         weight_decay: float = 0.0, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
         """[AdamW for lm_head and wte, Muon for every matrix in the blocks]. The AdamW rates are
         given for n_embd 768 and scaled by (n_embd/768)^-0.5 (1/√width, as μP suggests for
-        Adam-trained layers). Each group keeps its `initial_lr`, which the schedules multiply.
+        Adam-trained layers). Every rate is then multiplied by lr_scale (the fine-tuning stages'
+        --init_lr_frac). Each group keeps its `initial_lr`, which the schedules multiply.
         Both optimisers synchronise gradients across ranks themselves when torch.distributed is up."""
         matrix_params = list(self.transformer.h.parameters())
         embedding_params = list(self.transformer.wte.parameters())
         lm_head_params = list(self.lm_head.parameters())
         assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
         scale = (self.config.n_embd / 768) ** -0.5
-        adamw = AdamW([dict(params=lm_head_params, lr=unembedding_lr * scale),
-                       dict(params=embedding_params, lr=embedding_lr * scale)],
+        adamw = AdamW([dict(params=lm_head_params, lr=unembedding_lr * scale * lr_scale),
+                       dict(params=embedding_params, lr=embedding_lr * scale * lr_scale)],
                       betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)  # the training script ramps momentum
+        muon = Muon(matrix_params, lr=matrix_lr * lr_scale, momentum=0.95)  # the training script ramps momentum
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

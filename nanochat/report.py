@@ -195,7 +195,7 @@ def generate_header() -> str:
         out += ["- GPUs: none", "- CUDA: not available"]
     out += [f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}",
             f"- Code size: {code['files']:,} files, {code['lines']:,} lines, {code['chars']:,} chars",
-            f"- Hourly cost estimate: " + (f"${hourly:.2f}/h" if hourly is not None else "unknown"), ""]
+            "- Hourly cost estimate: " + (f"${hourly:.2f}/h" if hourly is not None else "unknown"), ""]
     return "\n".join(out) + "\n"
 
 

@@ -23,16 +23,14 @@ pass@k for k = 1..device_batch_size on the first --eval_examples GSM8K test prob
 Checkpoints (every --save_every steps and at the end) go to <base>/chatrl_checkpoints/<model_tag>/.
 """
 
-import os
 import time
 
 import torch
 
 from nanochat.chat_evaluation import (all_reduce_sum, collate_masked, generative_outcomes, pass_at_k,
                                       policy_gradient_objective, sample_completions)
-from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, load_checkpoint, load_model,
-                                         save_checkpoint)
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0
+from nanochat.checkpoint_manager import load_start_model, save_checkpoint
+from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.report import get_report
@@ -92,22 +90,9 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the sft checkpoint, or our own when resuming
 
-checkpoints_root = os.path.join(get_base_dir(), "chatrl_checkpoints")
 resuming = cfg.resume_from_step >= 0
-if resuming:
-    model_tag = cfg.model_tag or find_largest_model(checkpoints_root)
-    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
-    print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
-    model, tokenizer, meta = build_model(checkpoint_dir, cfg.resume_from_step, device, phase="train")
-    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device, load_optimizer=True,
-                                           rank=compute.rank)
-    start_source = meta["start_source"]
-else:
-    model, tokenizer, meta = load_model(cfg.source, device, phase="train", model_tag=cfg.model_tag or None,
-                                        step=None if cfg.step < 0 else cfg.step)
-    model_tag = cfg.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[cfg.source][0]))
-    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
-    start_source = {"source": cfg.source, "model_tag": model_tag, "step": meta["step"]}
+model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+    "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
 model_config = meta["model_config"]
 engine = Engine(model, tokenizer)
 print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
@@ -116,10 +101,8 @@ print0(f"model: {start_source['source']} {start_source['model_tag']} step {start
 # Optimisers: every LR scaled by init_lr_frac
 
 optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                    lr_scale=cfg.init_lr_frac)
 if resuming:
     for opt, state in zip(optimizers, optimizer_data):
         opt.load_state_dict(state)

@@ -27,16 +27,14 @@ linear to zero over the run. Every --eval_every steps: val loss on --eval_steps 
 Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
 """
 
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
 from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, run_categorical_eval
-from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, load_checkpoint, load_model,
-                                         save_checkpoint)
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0
+from nanochat.checkpoint_manager import load_start_model, save_checkpoint
+from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier
@@ -98,24 +96,11 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the mid (or base) checkpoint, or our own when resuming
 
-checkpoints_root = os.path.join(get_base_dir(), "chatsft_checkpoints")
 resuming = cfg.resume_from_step >= 0
-if resuming:
-    model_tag = cfg.model_tag or find_largest_model(checkpoints_root)
-    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
-    print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
-    model, tokenizer, meta = build_model(checkpoint_dir, cfg.resume_from_step, device, phase="train")
-    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device, load_optimizer=True,
-                                           rank=compute.rank)
-    if len(meta["dataloader_state"]) != compute.world_size:
-        raise FlagError(f"the checkpoint was saved by {len(meta['dataloader_state'])} rank(s); resume with as many")
-    start_source = meta["start_source"]
-else:
-    model, tokenizer, meta = load_model(cfg.source, device, phase="train", model_tag=cfg.model_tag or None,
-                                        step=None if cfg.step < 0 else cfg.step)
-    model_tag = cfg.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[cfg.source][0]))
-    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
-    start_source = {"source": cfg.source, "model_tag": model_tag, "step": meta["step"]}
+model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+    "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+if resuming and len(meta["dataloader_state"]) != compute.world_size:
+    raise FlagError(f"the checkpoint was saved by {len(meta['dataloader_state'])} rank(s); resume with as many")
 model_config = meta["model_config"]
 print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
 
@@ -123,10 +108,8 @@ print0(f"model: {start_source['source']} {start_source['model_tag']} step {start
 # Optimisers: every LR scaled by init_lr_frac
 
 optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                    lr_scale=cfg.init_lr_frac)
 if resuming:
     for opt, state in zip(optimizers, optimizer_data):
         opt.load_state_dict(state)

@@ -32,16 +32,14 @@ ramps 0.85 -> 0.95 over 300 steps. Val bits-per-byte every --eval_every steps an
 Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (same tag as the base model by default).
 """
 
-import os
 import time
 from collections import deque
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import build_model, find_largest_model, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import (compute_cleanup, compute_init, get_base_dir, get_device_name, get_peak_flops,
-                             get_wandb, print0)
+from nanochat.checkpoint_manager import load_start_model, save_checkpoint
+from nanochat.common import compute_cleanup, compute_init, get_device_name, get_peak_flops, get_wandb, print0
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -107,32 +105,20 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the base checkpoint (or our own, when resuming)
 
-checkpoints_root = os.path.join(get_base_dir(), "mid_checkpoints")
 resuming = cfg.resume_from_step >= 0
-if resuming:
-    model_tag = cfg.model_tag or find_largest_model(checkpoints_root)
-    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
-    print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
-    model, tokenizer, meta = build_model(checkpoint_dir, cfg.resume_from_step, device, phase="train")
-    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device, load_optimizer=True,
-                                           rank=compute.rank)
-    if meta["user_config"]["max_seq_len"] != cfg.max_seq_len or len(meta["dataloader_state"]) != compute.world_size:
-        raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']} on "
-                        f"{len(meta['dataloader_state'])} rank(s): resume with the same")
-    base_source = meta["base_source"]
-else:
-    model, tokenizer, meta = load_model("base", device, phase="train", model_tag=cfg.model_tag or None,
-                                        step=None if cfg.step < 0 else cfg.step)
-    model_tag = cfg.model_tag or find_largest_model(os.path.join(get_base_dir(), "base_checkpoints"))
-    checkpoint_dir = os.path.join(checkpoints_root, model_tag)
-    base_source = {"model_tag": model_tag, "step": meta["step"]}
+model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+    "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len
+                 or len(meta["dataloader_state"]) != compute.world_size):
+    raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']} on "
+                    f"{len(meta['dataloader_state'])} rank(s): resume with the same")
 model_config = meta["model_config"]
 orig_model = model  # uncompiled: for saving
 use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
 if use_compile:
     model = torch.compile(model, dynamic=False)
 num_flops_per_token = orig_model.estimate_flops()
-print0(f"model: base {base_source['model_tag']} step {base_source['step']}, {model_config}, compile {use_compile}")
+print0(f"model: base {start_source['model_tag']} step {start_source['step']}, {model_config}, compile {use_compile}")
 print0(f"batch: {cfg.total_batch_size:,} tokens/step = {tokens_per_fwdbwd:,} per fwd/bwd x "
        f"{compute.world_size} rank(s) x {grad_accum_steps} accumulation step(s)")
 
@@ -140,10 +126,8 @@ print0(f"batch: {cfg.total_batch_size:,} tokens/step = {tokens_per_fwdbwd:,} per
 # Optimisers: the base recipe's, every LR scaled by init_lr_frac
 
 optimizers = orig_model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                         lr_scale=cfg.init_lr_frac)
 if resuming:
     for opt, state in zip(optimizers, optimizer_data):
         opt.load_state_dict(state)
@@ -291,7 +275,7 @@ while True:
                           smooth_train_loss=smooth_train_loss, total_training_time=total_training_time)
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, val_bpb=val_bpb,
-                             base_source=base_source, dataloader_state=states, loop_state=loop_state),
+                             start_source=start_source, dataloader_state=states, loop_state=loop_state),
                         rank=compute.rank)
 
     if last_step:
@@ -346,7 +330,7 @@ print0(f"total training time: {total_training_time / 60:.2f}m")
 print0(f"min val bpb: {min_val_bpb:.4f}")
 report.log(section="Midtraining", data=[
     user_config,
-    {"base model": f"{base_source['model_tag']} step {base_source['step']}", "multiple-choice data": mcq_description,
+    {"base model": f"{start_source['model_tag']} step {start_source['step']}", "multiple-choice data": mcq_description,
      "train conversations": len(train_dataset), "val conversations": len(val_dataset), "iterations": step,
      "DDP world size": compute.world_size},
     {"min val bpb": min_val_bpb, "final val bpb": val_bpb,

@@ -380,7 +380,7 @@ def test_pipeline_mid_sft_rl_eval(chat_base):
         elif p > 80.01:
             assert lrm == pytest.approx((100 - p) / 20, abs=2e-3), (p, lrm)
     meta = json.loads((base / "mid_checkpoints" / "d2" / f"meta_{last:06d}.json").read_text())
-    assert meta["base_source"] == {"model_tag": "d2", "step": 0} and 0 < meta["val_bpb"] < 20
+    assert meta["start_source"] == {"source": "base", "model_tag": "d2", "step": 0} and 0 < meta["val_bpb"] < 20
     assert meta["model_config"]["sequence_len"] == SEQ_LEN
     assert (base / "mid_checkpoints" / "d2" / f"optim_{last:06d}_rank0.pt").exists()
     assert report_metrics(base, "midtraining")["iterations"] == last

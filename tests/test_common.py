@@ -1,7 +1,5 @@
 """Tests for nanochat.common and nanochat.flags: device init, base dir, flags, locked downloads."""
 
-import os
-
 import pytest
 import torch
 
