@@ -13,14 +13,13 @@ model writes stops that reply (what it wrote so far stays in the conversation); 
 Design choices:
 - The prompt is the whole conversation rendered by the tokenizer (`render_for_completion`) each turn;
   the Engine's KV cache makes that one prefill per turn.
-- Text is printed through an incremental UTF-8 decoder fed with each token's raw bytes, so a
-  character split over several tokens (emoji, CJK with a small vocabulary) prints once, whole
-  (the same as chat_web's StreamDecoder).
+- Text is printed through nanochat.chat_api.StreamDecoder (an incremental UTF-8 decoder fed with
+  each token's raw bytes, as in chat_web), so a character split over several tokens (emoji, CJK
+  with a small vocabulary) prints once, whole.
 - Each reply uses a fresh random seed, so asking again gives a different sample (at temperature > 0).
 """
 
 import argparse
-import codecs
 import secrets
 import sys
 
@@ -49,6 +48,7 @@ if args.max_tokens < 1:
 
 import torch  # noqa: E402  (after argument parsing: --help and flag errors stay instant)
 
+from nanochat.chat_api import StreamDecoder  # noqa: E402
 from nanochat.checkpoint_manager import load_model  # noqa: E402
 from nanochat.common import compute_init  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
@@ -63,7 +63,6 @@ except FileNotFoundError as e:
 engine = Engine(model, tokenizer)
 context_len = meta["model_config"]["sequence_len"]
 stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-token_bytes = tokenizer.enc.decode_single_token_bytes
 
 
 def stream_reply(messages: list[dict]):
@@ -72,15 +71,14 @@ def stream_reply(messages: list[dict]):
     tokens = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     if len(tokens) >= context_len:
         raise ValueError(f"the conversation is {len(tokens)} tokens, more than the model reads ({context_len})")
-    # the bytes of a character cut short by max_tokens stay in the decoder: never printed
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = StreamDecoder(tokenizer)  # holds back a character cut short by max_tokens: never printed
     with torch.inference_mode(), compute.autocast():
         for token_column, _ in engine.generate(tokens, num_samples=1, temperature=args.temperature,
                                                top_k=args.top_k or None, seed=secrets.randbelow(2**31),
                                                max_tokens=min(args.max_tokens, context_len - len(tokens))):
             if token_column[0] in stop_ids:
                 break
-            if text := utf8.decode(token_bytes(token_column[0])):
+            if text := decoder.push(token_column[0]):
                 yield text
 
 

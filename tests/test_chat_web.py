@@ -181,7 +181,7 @@ def test_stream_decoder_equals_decoding_everything_at_once(tiny_tokenizer):
     (which include invalid UTF-8), the pieces join to tokenizer.decode(ids), less the U+FFFD of an
     unfinished character at the very end; for valid text no piece contains U+FFFD (no character was
     ever split) and the pieces join to the text exactly."""
-    from scripts.chat_web import StreamDecoder
+    from nanochat.chat_api import StreamDecoder
     rng = random.Random(0)
     alphabet = list("abc xyz,.!\n") + ["😀", "🎵", "你", "好", "日本", "é", "ß", "€", "𝔘", "👩‍💻", "🇫🇷"]
     specials = [tiny_tokenizer.encode_special("<|assistant_end|>"), tiny_tokenizer.encode_special("<|python_start|>")]

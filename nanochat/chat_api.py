@@ -1,0 +1,188 @@
+"""
+The chat server's request format: its limits, their validation, and the streaming text decoder.
+Used by scripts/chat_web.py (both its native endpoint and the OpenAI-compatible /v1 one) and,
+for the decoder, by scripts/chat_cli.py.
+
+Design choices:
+- Bodies are validated by hand, not by pydantic, so every bad request -- invalid JSON, wrong types,
+  unknown roles, empty or oversized messages, out-of-range parameters -- raises RequestError with a
+  message that says what is wrong and how to fix it; the server answers it as a 400, never a 422
+  or a 500.
+- A request's `seed` is optional: without one it gets a fresh random seed, so "regenerate" differs.
+"""
+
+import codecs
+import json
+import secrets
+from dataclasses import dataclass
+
+# -----------------------------------------------------------------------------
+# Limits (SPEC "Chat interfaces"): each violation is a 400 with a message
+
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (0, 200)  # 0 = no top-k: sample from the whole vocabulary
+MAX_TOKENS_RANGE = (1, 4096)
+MAX_BODY_BYTES = 1_000_000  # 32,000 chars, each up to 12 bytes as JSON escapes (surrogate pairs), fit easily
+
+
+class RequestError(ValueError):
+    """A bad request: answered with this status and message."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+# -----------------------------------------------------------------------------
+# Streaming decoder: token ids in, complete UTF-8 text out
+
+
+class StreamDecoder:
+    """Token ids in, text out, never half a character. A token can be part of a multi-byte character
+    (an emoji is 4 bytes, often split over several tokens of a small vocabulary): each token's raw
+    bytes go through Python's incremental UTF-8 decoder, which holds back an incomplete sequence until
+    the rest arrives (invalid bytes become U+FFFD as soon as they are known to be invalid). The bytes
+    of a character left unfinished at the end of a reply (cut by max_tokens) are never sent.
+    Concatenated, the pieces equal tokenizer.decode(ids) less that unfinished tail (tested)."""
+
+    def __init__(self, tokenizer):
+        self.token_bytes = tokenizer.enc.decode_single_token_bytes  # raw bytes, specials included
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.utf8.decode(self.token_bytes(token))
+
+
+# -----------------------------------------------------------------------------
+# Request validation
+
+
+@dataclass
+class ChatRequest:
+    messages: list  # [{"role": "user"|"assistant", "content": str}, ...], alternating, ending with user
+    temperature: float
+    top_k: int
+    max_tokens: int
+    seed: int
+    stream: bool = True
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+
+
+def parse_json_body(raw: bytes) -> dict:
+    def reject_constant(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=reject_constant)
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity, integers with >4300 digits
+        raise RequestError(f"the body is not valid JSON ({e}); send e.g. "
+                           '{"messages": [{"role": "user", "content": "Hello"}]}') from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the JSON body must be an object with a 'messages' list, got {type(body).__name__}")
+    return body
+
+
+def _number(body: dict, key: str, bounds: tuple, default, integer: bool):
+    value = body.get(key)
+    if value is None:
+        return default
+    lo, hi = bounds
+    what = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise RequestError(f"'{key}' must be {what} in [{lo}, {hi}], got {json.dumps(value)[:50]}", param=key)
+    if not lo <= value <= hi:
+        raise RequestError(f"'{key}' must be in [{lo}, {hi}], got {value}", param=key)
+    return value
+
+
+def _content_text(content, i: int, openai: bool) -> str:
+    """A message's content as a string. OpenAI clients may send a list of parts; only text parts."""
+    if openai and isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RequestError(f"messages[{i}].content: only text parts {{'type': 'text', 'text': ...}} "
+                                   f"are supported", param="messages")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}", param="messages")
+    return content
+
+
+def parse_chat_request(body: dict, defaults: dict, openai: bool = False) -> ChatRequest:
+    """Check a chat request against every limit; ChatRequest or RequestError naming what is wrong.
+    openai=True is the /v1 dialect: a leading system message, text parts, `stream`, unknown keys ignored."""
+    known = {"messages", "temperature", "top_k", "max_tokens", "seed"}
+    if not openai and (unknown := sorted(set(body) - known)):
+        raise RequestError(f"unknown field(s) {unknown}; accepted: {sorted(known)}")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {'role': 'user'|'assistant', 'content': str}",
+                           param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"too many messages: {len(messages)} > {MAX_MESSAGES}; start a new conversation",
+                           param="messages")
+    clean, total = [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+        role = message.get("role")
+        allowed = ("user", "assistant", "system") if openai and i == 0 else ("user", "assistant")
+        if role not in allowed:
+            raise RequestError(f"messages[{i}].role must be one of {list(allowed)}, got {json.dumps(role)[:50]}",
+                               param="messages")
+        content = _content_text(message.get("content"), i, openai)
+        if not content.strip():
+            raise RequestError(f"messages[{i}] is empty", param="messages")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise RequestError(f"messages[{i}] is too long: {len(content):,} > {MAX_MESSAGE_CHARS:,} characters",
+                               param="messages")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"messages[{i}] is not valid Unicode (a lone surrogate escape)",
+                               param="messages") from None
+        total += len(content)
+        clean.append({"role": role, "content": content})
+    if total > MAX_TOTAL_CHARS:
+        raise RequestError(f"the conversation is too long: {total:,} > {MAX_TOTAL_CHARS:,} characters in all; "
+                           f"start a new conversation", param="messages")
+    if clean[0]["role"] == "system":
+        if len(clean) < 2:
+            raise RequestError("a system message must be followed by a user message", param="messages")
+        clean = [{"role": "user", "content": clean[0]["content"] + "\n\n" + clean[1]["content"]}] + clean[2:]
+    for i, message in enumerate(clean):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RequestError(f"roles must alternate user, assistant, user, ... starting with user; message {i} "
+                               f"is {message['role']!r}", param="messages")
+    if clean[-1]["role"] != "user":
+        raise RequestError("the last message must be from the user (the model writes the next assistant reply)",
+                           param="messages")
+    temperature = _number(body, "temperature", TEMPERATURE_RANGE, defaults["temperature"], integer=False)
+    top_k = _number(body, "top_k", TOP_K_RANGE, defaults["top_k"], integer=True)
+    max_tokens = _number(body, "max_tokens", MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True)
+    seed = _number(body, "seed", (0, 2**63 - 1), None, integer=True)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    stream, include_usage = True, False
+    if openai:
+        max_tokens = _number(body, "max_completion_tokens", MAX_TOKENS_RANGE, max_tokens, integer=True)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError("'stream_options' must be an object", param="stream_options")
+        include_usage = options.get("include_usage") is True
+        if _number(body, "n", (1, 1), 1, integer=True) != 1:
+            raise RequestError("only n=1 is supported", param="n")
+        if not isinstance(body.get("model", ""), str):
+            raise RequestError("'model' must be a string", param="model")
+    return ChatRequest(clean, float(temperature), int(top_k), int(max_tokens), int(seed), stream, include_usage)
