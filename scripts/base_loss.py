@@ -35,8 +35,11 @@ cfg = parse_flags(DEFAULTS, doc=__doc__)
 compute = compute_init(cfg.device_type)
 device = compute.device
 print_flags(cfg, DEFAULTS)
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=cfg.model_tag or None,
-                                    step=cfg.step if cfg.step >= 0 else None)
+try:
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=cfg.model_tag or None,
+                                        step=cfg.step if cfg.step >= 0 else None)
+except FileNotFoundError as e:  # the message says which command writes the checkpoint
+    raise SystemExit(f"base_loss: {e}") from None
 sequence_len = meta["model_config"]["sequence_len"]
 token_bytes = get_token_bytes(device=device)
 tokens_per_step = cfg.device_batch_size * sequence_len * compute.world_size

@@ -63,8 +63,11 @@ if args.temperature < 0 or args.top_k < 0:
 # Compute and model
 
 compute = compute_init(args.device_type)
-model, tokenizer, meta = load_model(args.source, compute.device, phase="eval", model_tag=args.model_tag,
-                                    step=args.step)
+try:
+    model, tokenizer, meta = load_model(args.source, compute.device, phase="eval", model_tag=args.model_tag,
+                                        step=args.step)
+except FileNotFoundError as e:  # the message says which command writes the checkpoint
+    raise SystemExit(f"chat_eval: {e}") from None
 engine = Engine(model, tokenizer)
 print0(f"evaluating the {args.source} model, step {meta['step']}, on {', '.join(task_names)}")
 

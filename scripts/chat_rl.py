@@ -91,8 +91,11 @@ report = get_report()
 # Model: the sft checkpoint, or our own when resuming
 
 resuming = cfg.resume_from_step >= 0
-model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-    "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+try:
+    model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+        "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+except FileNotFoundError as e:  # the message says which command writes the checkpoint
+    raise SystemExit(f"chat_rl: {e}") from None
 model_config = meta["model_config"]
 engine = Engine(model, tokenizer)
 print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")

@@ -97,8 +97,11 @@ report = get_report()
 # Model: the mid (or base) checkpoint, or our own when resuming
 
 resuming = cfg.resume_from_step >= 0
-model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-    "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+try:
+    model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+        "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+except FileNotFoundError as e:  # the message says which command writes the checkpoint
+    raise SystemExit(f"chat_sft: {e}") from None
 if resuming and len(meta["dataloader_state"]) != compute.world_size:
     raise FlagError(f"the checkpoint was saved by {len(meta['dataloader_state'])} rank(s); resume with as many")
 model_config = meta["model_config"]

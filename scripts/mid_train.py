@@ -106,8 +106,11 @@ report = get_report()
 # Model: the base checkpoint (or our own, when resuming)
 
 resuming = cfg.resume_from_step >= 0
-model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-    "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+try:
+    model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+        "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
+except FileNotFoundError as e:  # the message says which command writes the checkpoint
+    raise SystemExit(f"mid_train: {e}") from None
 if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len
                  or len(meta["dataloader_state"]) != compute.world_size):
     raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']} on "

@@ -1,0 +1,39 @@
+"""
+Every stage script run before the stage it needs (an empty base dir) must stop with one line that
+names what is missing and the command that makes it: exit status 1, no Python traceback.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+CASES = [  # (arguments, what the error must name, the command it must suggest)
+    (["scripts.base_loss", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),
+    (["scripts.base_eval", "--device_type=cpu", "--eval_bundle=/nonexistent/bundle"], "core.yaml: missing", None),
+    (["scripts.mid_train", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),
+    (["scripts.mid_train", "--device_type=cpu", "--resume_from_step=5", "--model_tag=d2"], "step 5", None),
+    (["scripts.chat_sft", "--device_type=cpu"], "mid checkpoint", "scripts.mid_train"),
+    (["scripts.chat_rl", "--device_type=cpu"], "sft checkpoint", "scripts.chat_sft"),
+    (["scripts.chat_eval", "-i", "mid", "--device_type=cpu"], "mid checkpoint", "scripts.mid_train"),
+    (["scripts.chat_cli", "-p", "hi", "--device_type=cpu"], "sft checkpoint", "scripts.chat_sft"),
+    (["scripts.chat_web", "--device_type=cpu"], "sft checkpoint", "scripts.chat_sft"),
+]
+
+
+@pytest.mark.parametrize("argv,names,suggests", CASES, ids=[" ".join(c[0][:2]) for c in CASES])
+def test_missing_input_is_one_clear_line(base_dir, argv, names, suggests):
+    if "--resume_from_step=5" in argv:
+        os.makedirs(base_dir / "mid_checkpoints" / "d2")  # the tag exists, its step 5 does not
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert names in out.stderr
+    if suggests:
+        assert f"python -m {suggests}" in out.stderr
