@@ -101,8 +101,11 @@ if cfg.total_batch_size % world_tokens_per_fwdbwd != 0:
 grad_accum_steps = cfg.total_batch_size // world_tokens_per_fwdbwd
 wandb_run = get_wandb(cfg.run, project="nanochat", config=user_config, master_process=master)
 report = get_report()  # a no-op on ranks other than 0
-tokenizer = get_tokenizer()
-token_bytes = get_token_bytes(device=device)
+try:
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+except FileNotFoundError as e:  # the message says how to train one
+    raise SystemExit(f"base_train: {e}") from None
 vocab_size = tokenizer.get_vocab_size()
 
 # -----------------------------------------------------------------------------
@@ -172,7 +175,10 @@ if resuming:
 
 train_loader = tokenizing_distributed_data_loader(cfg.device_batch_size, cfg.max_seq_len, "train", device=device,
                                                   resume_state_dict=dataloader_state)
-x, y, x_state = next(train_loader)  # prefetch; x_state = loader position right after (x, y)
+try:
+    x, y, x_state = next(train_loader)  # prefetch; x_state = loader position right after (x, y)
+except FileNotFoundError as e:  # no shards: the message says how to download them
+    raise SystemExit(f"base_train: {e}") from None
 eval_steps = max(1, cfg.eval_tokens // world_tokens_per_fwdbwd)
 
 

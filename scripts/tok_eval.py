@@ -108,7 +108,10 @@ def load_reference(name: str, timeout: float) -> tuple[RustBPETokenizer | None, 
     return result.get("tokenizer"), result.get("error", "")
 
 
-tokenizers = [("ours", get_tokenizer())]
+try:
+    tokenizers = [("ours", get_tokenizer())]
+except FileNotFoundError as e:  # the message says how to train one
+    raise SystemExit(f"tok_eval: {e}") from None
 for label, name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
     tok, why = load_reference(name, cfg.reference_timeout)
     if tok is None:

@@ -12,6 +12,9 @@ import pytest
 from conftest import REPO_ROOT
 
 CASES = [  # (arguments, what the error must name, the command it must suggest)
+    (["scripts.tok_train"], "no parquet shards", "nanochat.dataset"),
+    (["scripts.tok_eval"], "no tokenizer", "scripts.tok_train"),
+    (["scripts.base_train", "--device_type=cpu", "--depth=2"], "no tokenizer", "scripts.tok_train"),
     (["scripts.base_loss", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),
     (["scripts.base_eval", "--device_type=cpu", "--eval_bundle=/nonexistent/bundle"], "core.yaml: missing", None),
     (["scripts.mid_train", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),
@@ -29,7 +32,8 @@ def test_missing_input_is_one_clear_line(base_dir, argv, names, suggests):
     if "--resume_from_step=5" in argv:
         os.makedirs(base_dir / "mid_checkpoints" / "d2")  # the tag exists, its step 5 does not
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    for var in ("NANOCHAT_EVAL_BUNDLE", "NANOCHAT_PRETRAIN_DIR", "NANOCHAT_DATA_DIR"):
+        env.pop(var, None)
     out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
