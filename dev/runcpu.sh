@@ -37,11 +37,26 @@ export MPLCONFIGDIR=${MPLCONFIGDIR:-$(mktemp -d)}
 
 # shellcheck source=dev/pipeline.sh
 source dev/pipeline.sh
+
+# ----------------------------------------------------------------------------- never overwrite other work
+# The preset trains its own small tokenizer into the base dir. A base dir that already holds a
+# tokenizer or checkpoints the preset did not make (say a d20 model copied from a GPU machine to chat
+# with) would lose them: that model cannot be used with another tokenizer. So stop and say so.
+BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+if [[ ! -f "$BASE_DIR/cpu_preset.txt" ]] && compgen -G "$BASE_DIR/tokenizer/*.pkl" > /dev/null; then
+  echo "dev/runcpu.sh: $BASE_DIR already holds a tokenizer (and maybe models) from another run;" >&2
+  echo "  the CPU preset would replace it. Run the preset in its own directory, e.g." >&2
+  echo "  NANOCHAT_BASE_DIR=\$HOME/.cache/nanochat-cpu bash speedrun.sh" >&2
+  exit 1
+fi
+mkdir -p "$BASE_DIR"
+echo "this base dir holds the CPU preset's run (dev/runcpu.sh); the preset may overwrite it" > "$BASE_DIR/cpu_preset.txt"
+
 banner "nanochat CPU PRESET (no GPU found): a tiny d$DEPTH model on the bundled sample, offline.
   This checks that every stage runs; it does not produce a useful model. For the real d20
   speedrun use a machine with NVIDIA GPUs."
 
-COMMON=(--device_type=cpu)
+COMMON=(--device_type=cpu "--model_tag=d$DEPTH")  # the tag: not a larger dN left by an earlier run
 TOKENS=$((BATCH * SEQ_LEN))
 
 stage "set-up" bash dev/setup.sh
@@ -65,14 +80,14 @@ stage "base evaluation (CORE)" python -m scripts.base_eval "${COMMON[@]}" "--max
 stage "midtraining" python -m scripts.mid_train "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
   "--device_batch_size=$BATCH" "--total_batch_size=$TOKENS" "--num_iterations=$MID_STEPS" \
   --eval_every=30 "--eval_tokens=$((TOKENS * 4))"
-stage "chat evaluation (mid)" python -m scripts.chat_eval -i mid --device_type=cpu \
+stage "chat evaluation (mid)" python -m scripts.chat_eval -i mid --device_type=cpu -g "d$DEPTH" \
   -x "$EVAL_PROBLEMS" -m 48
 
 # ----------------------------------------------------------------------------- supervised fine-tuning
 stage "SFT" python -m scripts.chat_sft "${COMMON[@]}" "--max_seq_len=$SEQ_LEN" \
   "--device_batch_size=$BATCH" "--target_examples_per_step=$BATCH" "--num_iterations=$SFT_STEPS" \
   --eval_every=20 --eval_steps=4 "--eval_metrics_every=$SFT_STEPS" --eval_metrics_max_problems=32
-stage "chat evaluation (sft)" python -m scripts.chat_eval -i sft --device_type=cpu \
+stage "chat evaluation (sft)" python -m scripts.chat_eval -i sft --device_type=cpu -g "d$DEPTH" \
   -x "$EVAL_PROBLEMS" -m 48
 
 # ----------------------------------------------------------------------------- reinforcement learning
@@ -80,13 +95,13 @@ if [[ "$RL_STEPS" -gt 0 ]]; then
   stage "RL" python -m scripts.chat_rl "${COMMON[@]}" --device_batch_size=4 --examples_per_step=2 \
     --num_samples=4 --max_new_tokens=48 "--num_iterations=$RL_STEPS" "--eval_every=$RL_STEPS" \
     --eval_examples=8 "--save_every=$RL_STEPS"
-  stage "chat evaluation (rl)" python -m scripts.chat_eval -i rl --device_type=cpu -a GSM8K \
+  stage "chat evaluation (rl)" python -m scripts.chat_eval -i rl --device_type=cpu -g "d$DEPTH" -a GSM8K \
     -x "$EVAL_PROBLEMS" -m 48
 fi
 
 # ----------------------------------------------------------------------------- report card and a chat
 stage "report" python -m nanochat.report generate
 cat report.md
-stage "chat" python -m scripts.chat_cli -i sft --device_type=cpu -m 48 -p "Why is the sky blue?"
+stage "chat" python -m scripts.chat_cli -i sft --device_type=cpu --model_tag "d$DEPTH" -m 48 -p "Why is the sky blue?"
 banner "CPU preset done in $((SECONDS / 60)) min $((SECONDS % 60)) s. report.md is the report card.
   Chat in a browser:  source .venv/bin/activate && python -m scripts.chat_web   (then open http://localhost:8000)"

@@ -81,6 +81,20 @@ def test_a_failing_stage_stops_the_pipeline_and_names_it(tmp_path):
     assert "stage 'second' failed" in proc.stderr and not (tmp_path / "never").exists()
 
 
+def test_cpu_preset_leaves_another_runs_tokenizer_alone(base_dir):
+    """A base dir with a tokenizer the preset did not train (a GPU run's, say): the preset stops
+    before touching anything and says where to run instead."""
+    (base_dir / "tokenizer").mkdir(parents=True)
+    (base_dir / "tokenizer" / "tokenizer.pkl").write_bytes(b"a 65,536-token tokenizer")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
+    proc = subprocess.run(["bash", "dev/runcpu.sh"], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 1 and "already holds a tokenizer" in proc.stderr
+    assert "NANOCHAT_BASE_DIR=$HOME/.cache/nanochat-cpu" in proc.stderr
+    assert (base_dir / "tokenizer" / "tokenizer.pkl").read_bytes() == b"a 65,536-token tokenizer"
+    assert sorted(p.name for p in base_dir.iterdir()) == ["tokenizer"]
+
+
 def section_metrics(report_text: str, section: str) -> dict[str, str]:
     body = report_text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"^- ([^:]+): (.+)$", body, re.M))
