@@ -53,9 +53,26 @@ if ! fresh "pip$DEV" pyproject.toml; then
 fi
 
 # ---------------------------------------------------------------- rustbpe
+# cargo: on PATH, in ~/.cargo/bin (rustup's place, often not on PATH in a fresh shell), or installed
+# now by rustup into ~/.cargo as a fresh GPU machine needs; failing all three, stop with the fix.
+ensure_cargo() {
+  command -v cargo >/dev/null && return 0
+  [[ -x "$HOME/.cargo/bin/cargo" ]] && { export PATH="$HOME/.cargo/bin:$PATH"; return 0; }
+  say "cargo not found: installing Rust with rustup into ~/.cargo (minimal profile)"
+  if command -v curl >/dev/null \
+      && curl --proto '=https' --tlsv1.2 -sSf --max-time 60 https://sh.rustup.rs \
+         | sh -s -- -y -q --profile minimal >/dev/null 2>&1 \
+      && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+    return 0
+  fi
+  echo "[setup] cargo not found and rustup could not install it: install Rust (https://rustup.rs," \
+       "or e.g. apt install cargo) and re-run" >&2
+  exit 1
+}
 RUST_INPUTS=(rustbpe/Cargo.toml rustbpe/pyproject.toml rustbpe/src/*.rs)
 if ! fresh rustbpe "${RUST_INPUTS[@]}" || ! "$PY" -c "import rustbpe" 2>/dev/null; then
-  command -v cargo >/dev/null || { echo "[setup] cargo not found: install Rust (https://rustup.rs) and re-run" >&2; exit 1; }
+  ensure_cargo
   # The public crates registry where it answers; Debian's packaged crate sources where it does not.
   if ! (cd rustbpe && timeout 120 cargo fetch -q >/dev/null 2>&1); then
     say "crates registry unreachable: using Debian's packaged crate sources (dev/offline_crates.sh)"

@@ -95,6 +95,34 @@ def test_cpu_preset_leaves_another_runs_tokenizer_alone(base_dir):
     assert sorted(p.name for p in base_dir.iterdir()) == ["tokenizer"]
 
 
+def run_ensure_cargo(tmp_path, home):
+    """dev/setup.sh's ensure_cargo, alone, with a PATH that has no cargo and no curl (so no network)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    setup = (REPO_ROOT / "dev" / "setup.sh").read_text()
+    start = setup.index("ensure_cargo() {")
+    function = setup[start:setup.index("\n}\n", start) + 3]
+    script = 'say() { echo "[setup] $*"; }\n' + function + "ensure_cargo && command -v cargo\n"
+    return subprocess.run(["/bin/bash", "-c", script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:/nonexistent", "HOME": str(home)})
+
+
+def test_setup_finds_cargo_in_the_rustup_folder(tmp_path):
+    cargo = tmp_path / "home" / ".cargo" / "bin" / "cargo"
+    cargo.parent.mkdir(parents=True)
+    cargo.write_text("#!/bin/sh\n")
+    cargo.chmod(0o755)
+    proc = run_ensure_cargo(tmp_path, tmp_path / "home")
+    assert proc.returncode == 0 and proc.stdout.strip() == str(cargo), proc.stderr
+
+
+def test_setup_without_cargo_or_rustup_says_how_to_fix_it(tmp_path):
+    proc = run_ensure_cargo(tmp_path, tmp_path / "empty_home")
+    assert proc.returncode == 1
+    assert "installing Rust with rustup" in proc.stdout
+    assert "cargo not found and rustup could not install it" in proc.stderr and "rustup.rs" in proc.stderr
+
+
 def section_metrics(report_text: str, section: str) -> dict[str, str]:
     body = report_text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"^- ([^:]+): (.+)$", body, re.M))
