@@ -10,8 +10,8 @@
 # It is a smoke run of the real pipeline, not a way to get a useful model: the model is tiny and
 # sees a few hundred thousand tokens, so its answers are word salad and its eval scores sit at
 # chance. It finishes in about 8 minutes on 2 idle CPU cores (a fresh clone took 10 min 3 s,
-# set-up included), writes report.md with a training-curve plot, and ends with a chat answer. Afterwards
-# `python -m scripts.chat_web` (in .venv) serves the model it trained.
+# set-up included), writes report.md with a training-curve plot, and ends with a chat answer.
+# Afterwards `python -m scripts.chat_web` (in .venv) serves the model it trained.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -39,9 +39,9 @@ export MPLCONFIGDIR=${MPLCONFIGDIR:-$(mktemp -d)}
 source dev/pipeline.sh
 
 # ----------------------------------------------------------------------------- never overwrite other work
-# The preset trains its own small tokenizer into the base dir. A base dir that already holds a
-# tokenizer or checkpoints the preset did not make (say a d20 model copied from a GPU machine to chat
-# with) would lose them: that model cannot be used with another tokenizer. So stop and say so.
+# The preset trains its own small tokenizer into the base dir. If the dir already holds a tokenizer
+# the preset did not make (say with a d20 model copied from a GPU machine to chat with), replacing
+# it would make those models unusable: they only work with their own tokenizer. So stop and say so.
 BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [[ ! -f "$BASE_DIR/cpu_preset.txt" ]] && compgen -G "$BASE_DIR/tokenizer/*.pkl" > /dev/null; then
   echo "dev/runcpu.sh: $BASE_DIR already holds a tokenizer (and maybe models) from another run;" >&2

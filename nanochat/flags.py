@@ -101,3 +101,17 @@ def print_flags(cfg: SimpleNamespace, defaults: dict | None = None) -> None:
     for key, value in vars(cfg).items():
         mark = "  (changed)" if defaults is not None and defaults.get(key) != value else ""
         print0(f"  {key} = {value!r}{mark}")
+
+
+def accumulation_steps(total_batch_size: int, device_batch_size: int, max_seq_len: int, world_size: int) -> int:
+    """Forward/backward passes per optimiser step: total_batch_size tokens = this many passes of
+    device_batch_size x max_seq_len tokens on every rank. A total that does not divide evenly is a
+    FlagError suggesting the nearest total that does."""
+    world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size
+    if total_batch_size % world_tokens_per_fwdbwd != 0:
+        nearest = max(1, round(total_batch_size / world_tokens_per_fwdbwd)) * world_tokens_per_fwdbwd
+        raise FlagError(f"--total_batch_size={total_batch_size} must be a multiple of device_batch_size · "
+                        f"max_seq_len · world_size = {device_batch_size} · {max_seq_len} · {world_size} = "
+                        f"{world_tokens_per_fwdbwd} (e.g. --total_batch_size={nearest}), "
+                        f"or change --device_batch_size / --max_seq_len")
+    return total_batch_size // world_tokens_per_fwdbwd

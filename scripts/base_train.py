@@ -37,7 +37,7 @@ from nanochat.common import (compute_cleanup, compute_init, get_base_dir, get_de
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dist_optim import clip_grad_norm
 from nanochat.engine import Engine
-from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.flags import FlagError, accumulation_steps, parse_flags, print_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -92,13 +92,8 @@ print_flags(cfg, DEFAULTS)
 # one optimiser step = total_batch_size tokens = grad_accum_steps x (device batch on every rank)
 tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * compute.world_size
-if cfg.total_batch_size % world_tokens_per_fwdbwd != 0:
-    nearest = max(1, round(cfg.total_batch_size / world_tokens_per_fwdbwd)) * world_tokens_per_fwdbwd
-    raise FlagError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size · "
-                    f"max_seq_len · world_size = {cfg.device_batch_size} · {cfg.max_seq_len} · "
-                    f"{compute.world_size} = {world_tokens_per_fwdbwd} (e.g. --total_batch_size={nearest}), "
-                    f"or change --device_batch_size / --max_seq_len")
-grad_accum_steps = cfg.total_batch_size // world_tokens_per_fwdbwd
+grad_accum_steps = accumulation_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len,
+                                      compute.world_size)
 wandb_run = get_wandb(cfg.run, project="nanochat", config=user_config, master_process=master)
 report = get_report()  # a no-op on ranks other than 0
 try:

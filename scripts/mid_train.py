@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_device_name, get_peak_flops, get_wandb, print0
-from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.flags import FlagError, accumulation_steps, parse_flags, print_flags
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.schedules import lr_multiplier, muon_momentum
@@ -94,11 +94,8 @@ device, master = compute.device, compute.master_process
 print_flags(cfg, DEFAULTS)
 tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * compute.world_size
-if cfg.total_batch_size % world_tokens_per_fwdbwd != 0:
-    raise FlagError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size · "
-                    f"max_seq_len · world_size = {cfg.device_batch_size} · {cfg.max_seq_len} · "
-                    f"{compute.world_size} = {world_tokens_per_fwdbwd}")
-grad_accum_steps = cfg.total_batch_size // world_tokens_per_fwdbwd
+grad_accum_steps = accumulation_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len,
+                                      compute.world_size)
 wandb_run = get_wandb(cfg.run, project="nanochat-mid", config=user_config, master_process=master)
 report = get_report()
 

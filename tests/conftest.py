@@ -72,3 +72,26 @@ def base_dir_with_tokenizer(base_dir, tiny_tokenizer_dir) -> Path:
     import shutil
     shutil.copytree(tiny_tokenizer_dir, base_dir / "tokenizer")
     return base_dir
+
+
+# -----------------------------------------------------------------------------
+# Files the tests set up the way a user's run would leave them
+
+
+def copy_pretrain_shards(shared_data: Path, base_dir: Path) -> Path:
+    """The shared pretraining shards (2 train + 1 val) copied into <base_dir>/base_data."""
+    import shutil
+    data_dir = base_dir / "base_data"
+    data_dir.mkdir(exist_ok=True)
+    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
+        shutil.copy(src, data_dir / src.name)
+    return data_dir
+
+
+def copy_checkpoint(src_dir: Path, dst_dir: Path, step: int) -> None:
+    """Step `step`'s files (model, every rank's optimiser shard, meta) from one checkpoint
+    directory into another: a run that stopped right after saving that step."""
+    import shutil
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in src_dir.glob(f"*_{step:06d}*"):
+        shutil.copy(f, dst_dir / f.name)

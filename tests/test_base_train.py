@@ -7,14 +7,13 @@ session's tiny tokenizer, and copies of the shared pretraining shards in the tem
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_checkpoint, copy_pretrain_shards
 
 TINY = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_size=4",
         "--total_batch_size=512",  # 2 accumulation steps
@@ -24,10 +23,7 @@ TINY = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_si
 @pytest.fixture
 def pretrain_dir(base_dir_with_tokenizer, shared_data):
     """The base dir with the tiny tokenizer and the shared shards (2 train + 1 val)."""
-    data_dir = base_dir_with_tokenizer / "base_data"
-    data_dir.mkdir(exist_ok=True)
-    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
-        shutil.copy(src, data_dir / src.name)
+    copy_pretrain_shards(shared_data, base_dir_with_tokenizer)
     return base_dir_with_tokenizer
 
 
@@ -91,9 +87,7 @@ def test_resume_continues_the_same_trajectory(pretrain_dir):
     assert straight.returncode == 0, straight.stderr[-3000:]
     # a run that stopped right after saving step 3: its checkpoint, continued by a new process
     root = pretrain_dir / "base_checkpoints"
-    (root / "resumed").mkdir()
-    for f in (root / "straight").glob("*_000003*"):
-        shutil.copy(f, root / "resumed" / f.name)
+    copy_checkpoint(root / "straight", root / "resumed", 3)
     resumed = run("scripts.base_train", *flags, "--model_tag=resumed", "--resume_from_step=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 3" in resumed.stdout
@@ -150,9 +144,7 @@ def test_two_ranks_save_their_shards_and_resume_exactly(pretrain_dir):
     meta = json.loads((root / "ddp" / "meta_000004.json").read_text())
     assert meta["world_size"] == 2 and [s["rank"] for s in meta["dataloader_state"]] == [0, 1]
     assert (root / "ddp" / "optim_000004_rank1.pt").exists()
-    (root / "ddp_resumed").mkdir()
-    for f in (root / "ddp").glob("*_000002*"):
-        shutil.copy(f, root / "ddp_resumed" / f.name)
+    copy_checkpoint(root / "ddp", root / "ddp_resumed", 2)
     resumed = run_cmd([*torchrun, "-m", "scripts.base_train", "--", *flags, "--model_tag=ddp_resumed",
                        "--resume_from_step=2"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

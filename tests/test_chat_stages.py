@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -31,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_checkpoint
 from nanochat.chat_evaluation import (BASELINES, chatcore, collate_masked, generative_outcomes, pass_at_k,
                                       policy_gradient_objective, run_categorical_eval)
 from nanochat.engine import Engine
@@ -425,9 +424,7 @@ def test_mid_train_resume_continues_the_same_trajectory(chat_base):
     straight = run("scripts.mid_train", *flags, "--save_every=3")
     assert straight.returncode == 0, straight.stderr[-3000:]
     root = chat_base / "mid_checkpoints"
-    (root / "resumed").mkdir()
-    for f in (root / "d2").glob("*_000003*"):
-        shutil.copy(f, root / "resumed" / f.name)
+    copy_checkpoint(root / "d2", root / "resumed", 3)
     resumed = run("scripts.mid_train", *flags, "--model_tag=resumed", "--resume_from_step=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 3" in resumed.stdout

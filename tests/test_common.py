@@ -64,3 +64,12 @@ def test_flags_help_lists_defaults(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "Train a thing." in out and "--depth" in out and "20" in out
+
+
+def test_accumulation_steps_divide_the_batch_or_name_the_nearest_total():
+    from nanochat.flags import accumulation_steps
+    assert accumulation_steps(524_288, 32, 2048, 8) == 1  # the speedrun on 8 GPUs
+    assert accumulation_steps(524_288, 32, 2048, 1) == 8  # the same batch on one GPU
+    with pytest.raises(FlagError, match=r"--total_batch_size=500 must be a multiple of .* = 256 "
+                                        r"\(e\.g\. --total_batch_size=512\)"):
+        accumulation_steps(500, 4, 64, 1)

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_pretrain_shards
 from nanochat import dataset
 
 
@@ -150,16 +150,8 @@ def test_cli_downloads_and_reports_failures(server, base_dir):
         dataset.download_shards(5000)  # more shards than exist (the CLI turns it into a usage error)
 
 
-def _copy_local_shards(shared_data, base_dir):
-    data_dir = base_dir / "base_data"
-    data_dir.mkdir(exist_ok=True)
-    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
-        shutil.copy(src, data_dir / src.name)
-    return data_dir
-
-
 def test_splits_and_rank_striding(shared_data, base_dir):
-    data_dir = _copy_local_shards(shared_data, base_dir)
+    data_dir = copy_pretrain_shards(shared_data, base_dir)
     (data_dir / "shard_00003.parquet.tmp123").write_bytes(b"partial")  # ignored
     files = dataset.list_parquet_files()
     assert [os.path.basename(f) for f in files] == [f"shard_0000{i}.parquet" for i in range(3)]

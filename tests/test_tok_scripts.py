@@ -8,7 +8,6 @@ the network hangs instead of failing (a local proxy that accepts connections and
 import os
 import re
 import runpy
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,17 +17,13 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_pretrain_shards
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 
 @pytest.fixture
 def data_dir(base_dir, shared_data):
-    out = base_dir / "base_data"
-    out.mkdir()
-    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
-        shutil.copy(src, out / src.name)
-    return out
+    return copy_pretrain_shards(shared_data, base_dir)
 
 
 def run(module, *args, env_extra=None, timeout=120):
