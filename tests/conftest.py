@@ -1,17 +1,33 @@
 """
 Shared test fixtures. Tests are hermetic: every test gets its own temporary base dir (never
 ~/.cache/nanochat), no network, wandb disabled. Real data comes from ../shared/data (override the
-location with NANOCHAT_SHARED_DATA).
+location with NANOCHAT_SHARED_DATA; a fresh clone of a checkout that has it finds it there too).
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def find_shared_data() -> Path:
+    """$NANOCHAT_SHARED_DATA; else shared/data beside this checkout; else beside the local checkout
+    this one was cloned from (`git clone /work/main /tmp/fresh` still finds /work/shared/data)."""
+    if "NANOCHAT_SHARED_DATA" in os.environ:
+        return Path(os.environ["NANOCHAT_SHARED_DATA"])
+    candidates = [REPO_ROOT.parent / "shared" / "data"]
+    origin = subprocess.run(["git", "config", "--get", "remote.origin.url"], cwd=REPO_ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():  # a local path, not a URL
+        candidates.append(Path(origin).resolve().parent / "shared" / "data")
+    return next((c for c in candidates if (c / "README.md").exists()), candidates[0])
+
+
+SHARED_DATA = find_shared_data()
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Tests run tiny models: on a couple of shared cores, OpenMP threads waiting on each other make them
