@@ -180,6 +180,12 @@ def compute_init(device_type: str = "", seed: int = 42) -> Compute:
     else:
         device = torch.device(device_type)
     if ddp and not dist.is_initialized():
+        # Import torch._dynamo before the group exists: it imports torch.distributed modules whose
+        # default arguments (`group=group.WORLD`) would otherwise capture the live process group
+        # and keep it, with its worker threads, alive until interpreter exit, where a worker still
+        # releasing a tensor can abort the process ("terminate called without an active exception").
+        # Building a model on the meta device imports it anyway, so this costs nothing extra.
+        import torch._dynamo as _  # noqa: F401  (binds only `_`; `torch` stays the module global)
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device_type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
@@ -192,8 +198,10 @@ def compute_init(device_type: str = "", seed: int = 42) -> Compute:
 
 
 def compute_cleanup() -> None:
-    """Leave the process group, if we joined one."""
+    """Leave the process group, if we joined one. The barrier first: a rank that tears down gloo
+    while another is still finishing its last work (rank 0 writing the report) can abort."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

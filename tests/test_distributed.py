@@ -55,3 +55,45 @@ def test_two_ranks_train_like_one(tmp_path):
     owned = [set(ranks[r]["muon_owned"]) for r in range(2)]
     assert not owned[0] & owned[1] and owned[0] | owned[1] == set(single["muon_owned"])
     assert sorted(len(o) for o in owned) == [8, 10]
+
+
+WORKER_THREADS = """
+import os, sys
+import torch
+from nanochat.common import compute_cleanup, compute_init
+from nanochat.chat_evaluation import all_reduce_sum
+from nanochat.gpt import GPT, GPTConfig
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+compute = compute_init("cpu")
+with torch.device("meta"):  # imports torch._dynamo, as loading a checkpoint does
+    GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+assert all_reduce_sum([compute.rank + 1.0], compute.device) == [3.0]
+during = threads()
+compute_cleanup()
+with open(os.path.join(sys.argv[1], f"rank{compute.rank}.txt"), "w") as f:
+    f.write(f"{before} {during} {threads()}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_cleanup_stops_the_process_groups_threads(tmp_path):
+    # gloo's worker threads must be gone once compute_cleanup returns. When something kept the group
+    # alive (torch modules imported after init capture it in default arguments), they lived on into
+    # interpreter exit, where one still releasing a tensor aborted the rank now and then
+    # ("terminate called without an active exception").
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_THREADS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        before, during, after = map(int, (tmp_path / f"rank{rank}.txt").read_text().split())
+        assert during > before, f"rank {rank}: {before} {during} {after}"  # the group's threads did run
+        assert after == before, f"rank {rank}: {before} threads before init, {after} after cleanup"
