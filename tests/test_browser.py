@@ -196,18 +196,42 @@ def test_server_error_shows_its_message_in_the_banner(page):
     assert page.page.is_hidden("#banner")
 
 
+STOP_WHEN_STREAMING = """() => { window.stopState = new Promise((resolve, reject) => {
+    const check = () => {
+        const reply = document.querySelector('.msg.assistant.streaming');
+        if (!reply || reply.textContent.length <= 12) return false;
+        const send = document.getElementById('send');
+        const state = {label: send.getAttribute('aria-label'),
+                       stop_icon: !document.getElementById('icon-stop').hasAttribute('hidden'),
+                       send_icon: !document.getElementById('icon-send').hasAttribute('hidden')};
+        send.click();
+        resolve(state);
+        return true;
+    };
+    const observer = new MutationObserver(() => {
+        try { if (check()) observer.disconnect(); } catch (e) { observer.disconnect(); reject(e); }
+    });
+    observer.observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    setTimeout(() => { observer.disconnect(); reject(new Error('no streaming reply of 12+ characters')); }, 20000);
+}); }"""
+
+
 @pytest.mark.slow  # starts a server of its own (~5-10 s)
 def test_stop_a_reply_then_the_error_banner_when_the_server_is_stopped(browser, chat_base_dir, tmp_path):
-    with run_server(chat_base_dir, tmp_path, "-m", "2000") as server:  # "sing" goes on for 2,000 tokens
+    # "sing" goes on for 2,000 tokens, greedily (-t 0), so the reply is known. The tiny model sings
+    # cleanly only as far as it was trained (24 chunks) and then drifts, so the test compares the
+    # stopped reply with the server's own full reply rather than with an endless song.
+    with run_server(chat_base_dir, tmp_path, "-m", "2000", "-t", "0") as server:
         page = Page(browser, server.url)
+        # The whole reply streams in under a second on a fast machine: a round trip from Python per
+        # check could land after its end. So the page itself watches the stream and, at its first
+        # dozen characters, records the button's state and clicks it.
+        page.page.evaluate(STOP_WHEN_STREAMING)
         page.send("sing")
-        page.page.wait_for_function("document.querySelector('.msg.assistant.streaming')?.textContent.length > 12")
-        assert page.page.get_attribute("#send", "aria-label") == "Stop generating"
-        assert page.page.is_visible("#icon-stop") and page.page.is_hidden("#icon-send")
-        page.page.click("#send")
+        before_click = page.page.evaluate("window.stopState")
+        assert before_click == {"label": "Stop generating", "stop_icon": True, "send_icon": False}
         page.wait_idle()
         [partial] = page.texts(".msg.assistant")
-        assert (SING_CHUNK * 300).startswith(partial) and len(partial) < 1000  # cut well before the end
         assert page.page.is_hidden("#banner")  # stopping is not an error
         assert page.page.is_visible("#icon-send") and page.page.is_hidden("#icon-stop")
         deadline = time.time() + 10  # the server saw the disconnect and freed its worker
@@ -215,6 +239,10 @@ def test_stop_a_reply_then_the_error_banner_when_the_server_is_stopped(browser, 
             assert time.time() < deadline, stats
             time.sleep(0.05)
         assert stats["workers_available"] == 1 and stats["tokens_generated"] < 1500
+        full = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "sing"}]}).json()["choices"][0]["message"]["content"]
+        assert full.startswith(SING_CHUNK * 20)
+        assert full.startswith(partial) and 0 < len(partial) < len(full) // 2  # cut well before the end
 
         server.stop()
         page.send("hi again")
