@@ -5,6 +5,7 @@ tokens/s and as achieved model FLOP/s against a peak ("MFU").
 Run:
     python -m bench.train                                   # CPU: depth 6, seq 512, vocab 65,536
     python -m bench.train --profile=1                       # + where the time goes (torch.profiler)
+    python -m bench.train --fused_loss=0                    # the plain head + loss, for the ratio
     python -m bench.train --device_type=cuda --depth=20 --max_seq_len=2048 --device_batch_size=32
 
 - Model FLOPs per token are GPT.estimate_flops() (6·matmul params + attention, forward and
@@ -20,6 +21,8 @@ Run:
   not part of it (the tokens are random). The step time is the median of --steps timed steps after
   --warmup_steps; the peak and the step are measured alternately (peak, steps, peak), and the best
   peak is used, so a machine that gets busier mid-run cannot flatter the ratio.
+- The head + loss is the fused one in eager fp32, as in base_train (nanochat/fused_loss.py);
+  --fused_loss=0 measures the plain PyTorch ops instead.
 - On a CPU shared with other work, run with `OMP_WAIT_POLICY=PASSIVE` (set before Python starts):
   by default OpenMP threads spin while waiting for each other, and when another process holds the
   other core every small op stalls. Measured on 2 busy cores (load ~3), depth 6: 53 tokens/s by
@@ -51,6 +54,7 @@ DEFAULTS = dict(
     steps=3,  # timed steps
     warmup_steps=1,
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
+    fused_loss=1,  # 1: the model's default (fused head + loss in eager fp32), 0: the plain path
     matmul_size=4096,  # side of the square matmul that measures the peak
     threads=0,  # torch intra-op threads on the CPU; 0 = torch's default
     profile=0,  # 1: profile one step and print the top operators
@@ -94,7 +98,9 @@ with torch.device("meta"):
 model.to_empty(device=device)
 model.init_weights()
 orig_model = model
-if cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda"):
+model.fused_loss = bool(cfg.fused_loss)
+compiled = cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda")
+if compiled:
     model = torch.compile(model, dynamic=False)
 optimizers = orig_model.setup_optimizers()
 flops_per_token = orig_model.estimate_flops()
@@ -147,8 +153,12 @@ measured_peak = max(peaks)
 sheet_peak = get_peak_flops(get_device_name(device_type)) if device_type == "cuda" else None
 peak, peak_name = (sheet_peak, "bf16 data sheet") if device_type == "cuda" else (measured_peak, "measured fp32 matmul")
 
+with compute.autocast():
+    hidden = torch.zeros(1, device=device)  # stands in for the final hidden state: same device and dtype
+    head_loss = "fused" if orig_model.use_fused_loss(hidden) and not compiled else "plain"
 rows = [
     ("tokens per step", f"{tokens_per_step:,}"),
+    ("head + loss (nanochat/fused_loss.py)", f"{head_loss}{', compiled' if compiled else ''}"),
     ("step time (median)", f"{step_time * 1000:.0f} ms"),
     ("  forward + backward", f"{fwdbwd * 1000:.0f} ms ({100 * fwdbwd / step_time:.0f}%)"),
     ("  optimisers (reduce, clip, step)", f"{optim * 1000:.0f} ms ({100 * optim / step_time:.0f}%)"),

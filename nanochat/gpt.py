@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.adamw import AdamW
+from nanochat.fused_loss import softcap_cross_entropy
 from nanochat.muon import Muon
 
 
@@ -174,6 +175,7 @@ class GPT(nn.Module):
         cos, sin = precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (1, 10·T, 1, D/2)
         self.register_buffer("sin", sin, persistent=False)
+        self.fused_loss = True  # see use_fused_loss()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -205,6 +207,12 @@ class GPT(nn.Module):
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
         softcap = 15.0
+        if targets is not None and self.use_fused_loss(x):  # the same math, see nanochat/fused_loss.py
+            losses = softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.view(-1), softcap)
+            if loss_reduction == "none":
+                return losses.view(B, T)
+            assert loss_reduction in ("mean", "sum"), f"loss_reduction must be mean, sum or none ({loss_reduction!r})"
+            return losses.sum() if loss_reduction == "sum" else losses.sum() / (targets != -1).sum()
         logits = self.lm_head(x).float()  # (B, T, V), fp32 even under bf16 autocast
         logits = softcap * torch.tanh(logits / softcap)
         if targets is None:
@@ -212,6 +220,13 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def use_fused_loss(self, x: torch.Tensor) -> bool:
+        """The fused head + loss pays off in eager fp32 (CPU, MPS). torch.compile fuses the plain
+        path itself, and under autocast the plain path's bf16 matmul is what we want.
+        Set `model.fused_loss = False` to always take the plain path."""
+        return (self.fused_loss and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
