@@ -65,6 +65,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
                           rows: int = ROWS_PER_BLOCK) -> torch.Tensor:
     """x (N, C), weight (V, C), targets (N,) with -1 = ignore -> per-row losses (N,), 0 where ignored."""
-    assert x.dim() == 2 and weight.dim() == 2 and targets.shape == (x.size(0),), \
-        f"want x (N, C), weight (V, C), targets (N,); got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}"
+    assert x.dim() == 2 and weight.dim() == 2 and targets.shape == (x.size(0),), (
+        f"want x (N, C), weight (V, C), targets (N,); "
+        f"got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     return SoftcapCrossEntropy.apply(x, weight, targets, softcap, rows)
