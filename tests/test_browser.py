@@ -223,6 +223,9 @@ def test_stop_a_reply_then_the_error_banner_when_the_server_is_stopped(browser, 
     # stopped reply with the server's own full reply rather than with an endless song.
     with run_server(chat_base_dir, tmp_path, "-m", "2000", "-t", "0") as server:
         page = Page(browser, server.url)
+        aborted = []
+        page.page.on("requestfailed",
+                     lambda r: aborted.append(r.failure) if r.url.endswith("/chat/completions") else None)
         # The whole reply streams in under a second on a fast machine: a round trip from Python per
         # check could land after its end. So the page itself watches the stream and, at its first
         # dozen characters, records the button's state and clicks it.
@@ -234,11 +237,15 @@ def test_stop_a_reply_then_the_error_banner_when_the_server_is_stopped(browser, 
         [partial] = page.texts(".msg.assistant")
         assert page.page.is_hidden("#banner")  # stopping is not an error
         assert page.page.is_visible("#icon-send") and page.page.is_hidden("#icon-stop")
-        deadline = time.time() + 10  # the server saw the disconnect and freed its worker
-        while (stats := requests.get(server.url + "/stats", timeout=5).json())["requests_cancelled"] != 1:
-            assert time.time() < deadline, stats
+        assert aborted == ["net::ERR_ABORTED"]  # the page aborted its request
+        # The server frees its worker either way: it notices the disconnect and cancels (usually
+        # within ~50 tokens), or, when the browser closes the socket late, the 0.8 s reply has
+        # already run out (test_chat_web.py tests the cancel itself, with a raw socket).
+        deadline = time.time() + 10
+        while (stats := requests.get(server.url + "/stats", timeout=5).json())["requests_in_flight"] != 0:
+            assert time.time() < deadline, str(stats)
             time.sleep(0.05)
-        assert stats["workers_available"] == 1 and stats["tokens_generated"] < 1500
+        assert stats["workers_available"] == 1 and stats["requests_cancelled"] + stats["requests_served"] == 1
         full = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "sing"}]}).json()["choices"][0]["message"]["content"]
         assert full.startswith(SING_CHUNK * 20)
