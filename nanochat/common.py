@@ -198,8 +198,8 @@ def compute_init(device_type: str = "", seed: int = 42) -> Compute:
 
 
 def compute_cleanup() -> None:
-    """Leave the process group, if we joined one. The barrier first: a rank that tears down gloo
-    while another is still finishing its last work (rank 0 writing the report) can abort."""
+    """Leave the process group, if we joined one. The barrier first, so that no rank tears the
+    group down while another is still on its way to its last collective."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

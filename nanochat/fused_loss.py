@@ -51,10 +51,11 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         softcap, rows = ctx.softcap, ctx.rows
         row_weight = grad_losses * valid  # (N,)
         grad_z = torch.empty_like(logits)
+        block_rows = torch.arange(rows, device=logits.device)  # row indices within a block
         for i in range(0, logits.size(0), rows):
             block, grad = logits[i:i + rows], grad_z[i:i + rows]
             torch.sub(block, lse[i:i + rows, None], out=grad).exp_()  # softmax
-            grad[torch.arange(grad.size(0), device=grad.device), safe_targets[i:i + rows]] -= 1.0
+            grad[block_rows[:grad.size(0)], safe_targets[i:i + rows]] -= 1.0
             grad.mul_(row_weight[i:i + rows, None])
             grad.mul_(torch.mul(block, block).mul_(-1.0 / softcap ** 2).add_(1.0))  # x (1 - tanh²)
         grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None
