@@ -87,10 +87,16 @@ def save_screenshot(page, tmp_path, name):
 
 def test_type_send_and_watch_the_reply_stream_in(page, tmp_path):
     assert page.page.is_visible("#empty")
-    # record every state of the reply as it is rendered, to see it grow token by token
-    page.page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
-        const el = document.querySelector('.msg.assistant'); if (el) window.seen.push(el.textContent);
-      }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true}); }""")
+    # Record every text the reply element is given, to see it grow token by token. The texts come
+    # from the mutation records, not from reading the element when the observer runs: the tiny
+    # model writes its whole reply in a millisecond, so several tokens often reach the page in one
+    # network read, and by the time the observer runs the element holds only the last of them.
+    page.page.evaluate("""() => { window.seen = []; new MutationObserver(records => {
+        for (const r of records) {
+          if (!(r.target.closest && r.target.closest('.msg.assistant'))) continue;
+          for (const n of r.addedNodes) if (n.nodeType === Node.TEXT_NODE) window.seen.push(n.data);
+        }
+      }).observe(document.getElementById('messages'), {childList: true, subtree: true}); }""")
     page.send("hi")
     page.wait_idle()
     assert page.texts(".msg.user .bubble") == ["hi"]
