@@ -17,13 +17,18 @@ from conftest import REPO_ROOT
 from dist_train_worker import CONFIG, MAX_NORM, train
 
 
-@pytest.mark.slow
-def test_two_ranks_train_like_one(tmp_path):
+def torchrun_two_ranks(script, out_dir):
+    """Run `script out_dir` under a real `torchrun --standalone --nproc_per_node=2` (gloo, CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO_ROOT / "tests" / "dist_train_worker.py"), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(out_dir)]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one(tmp_path):
+    torchrun_two_ranks(REPO_ROOT / "tests" / "dist_train_worker.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,11 +93,7 @@ def test_cleanup_stops_the_process_groups_threads(tmp_path):
     # ("terminate called without an active exception").
     script = tmp_path / "worker.py"
     script.write_text(WORKER_THREADS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two_ranks(script, tmp_path)
     for rank in range(2):
         before, during, after = map(int, (tmp_path / f"rank{rank}.txt").read_text().split())
         assert during > before, f"rank {rank}: {before} {during} {after}"  # the group's threads did run
