@@ -1,6 +1,6 @@
 """
 Common utilities: the one door for devices, distributed init, seeding, the base directory,
-rank-0 printing, logging, a no-op wandb stand-in, and locked atomic downloads.
+rank-0 printing, logging, wandb (or a no-op stand-in), and locked atomic downloads.
 
 Design choices:
 - `compute_init()` decides device, process group and seeds once and returns a small named
@@ -219,13 +219,47 @@ class DummyWandb:
         pass
 
 
+def wandb_api_key_configured() -> bool:
+    """True when wandb could log online without asking: $WANDB_API_KEY, or the netrc entry that
+    `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(netrc, encoding="utf-8", errors="replace") as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
+
+
 def get_wandb(run: str, project: str, config: dict, master_process: bool):
     """A real wandb run only for `--run=<name>` (not 'dummy') on rank 0; else a no-op.
-    wandb is imported only here, so offline use never touches the network."""
+
+    wandb never prompts and never dies for want of an account: with no API key configured (and no
+    $WANDB_MODE chosen) the run is logged offline, with one line saying where and how to upload it
+    (`wandb sync`). $WANDB_MODE and $WANDB_DIR are respected; the default run directory is
+    <base dir>/wandb, not the working directory."""
     if run == "dummy" or not master_process:
         return DummyWandb()
-    import wandb  # optional dependency: pip install nanochat[wandb]
-    return wandb.init(project=project, name=run, config=config)
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit(f"--run={run} asks for wandb logging, but wandb is not installed: "
+                         "run `bash dev/setup.sh` (or `pip install wandb`), or drop --run")
+    mode = os.environ.get("WANDB_MODE")
+    fallback = mode is None and not wandb_api_key_configured()
+    if fallback:
+        mode = "offline"
+    wandb_dir = os.environ.get("WANDB_DIR") or get_base_dir()
+    os.makedirs(wandb_dir, exist_ok=True)
+    settings = wandb.Settings(silent=True) if fallback else None
+    wandb_run = wandb.init(project=project, name=run, config=config, mode=mode, dir=wandb_dir,
+                           settings=settings)
+    if fallback:
+        run_folder = os.path.dirname(wandb_run.dir)  # .../wandb/offline-run-<time>-<id>
+        print0(f"wandb: no API key configured, so run '{run}' is logged offline to {run_folder}; "
+               f"upload it later with: wandb sync {run_folder}")
+    return wandb_run
 
 
 # -----------------------------------------------------------------------------
