@@ -101,6 +101,14 @@ def _format_value(value) -> str:
     return str(value)
 
 
+def _fenced(text: str) -> list[str]:
+    """`text` as a fenced block indented under a list item, the fence longer than any run of
+    backticks inside it, so no model output can close it early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return ["", f"  {fence}text", *[f"  {line}" for line in text.split("\n")], f"  {fence}"]
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -294,7 +302,11 @@ class Report:
         out = [f"## {section}", f"timestamp: {_now()}", ""]
         for item in data:
             if isinstance(item, dict):
-                out += [f"- {k}: {_format_value(v)}" for k, v in item.items()]
+                for k, v in item.items():
+                    if isinstance(v, str) and ("\n" in v or k.startswith("sample")):
+                        out += [f"- {k}:", *_fenced(v)]  # model text keeps its layout
+                    else:
+                        out.append(f"- {k}: {_format_value(v)}")
             else:
                 out.append(str(item))
             out.append("")

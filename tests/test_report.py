@@ -136,3 +136,16 @@ def test_cli(base_dir, tmp_path):
     assert (tmp_path / "report.md").exists() and (base_dir / "report" / "report.md").exists()
     bad = run("publish")
     assert bad.returncode != 0 and "usage: python -m nanochat.report reset|generate" in bad.stderr
+
+
+def test_multiline_samples_are_fenced_and_cannot_break_out(tmp_path):
+    report = Report(str(tmp_path / "report"))
+    sample = "def f():\n    return 1\n``` # a fence inside\n- not a list item"
+    path = report.log("Base model loss", [{"train bpb": 1.25, "sample 0": sample, "sample 1": "one line"}])
+    lines = open(path).read().splitlines()
+    start = lines.index("- sample 0:")
+    assert lines[start + 1] == "" and lines[start + 2] == "  ````text"  # longer than the ``` inside
+    assert lines[start + 3:start + 7] == ["  def f():", "      return 1", "  ``` # a fence inside",
+                                          "  - not a list item"]
+    assert lines[start + 7] == "  ````"
+    assert "- train bpb: 1.2500" in lines and "  one line" in lines  # short samples are fenced too
