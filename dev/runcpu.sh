@@ -29,9 +29,9 @@ EVAL_PROBLEMS=${CPU_EVAL_PROBLEMS:-16}  # problems per task in each chat evaluat
 CORE_PER_TASK=${CPU_CORE_PER_TASK:-40}  # items per CORE task
 
 # ----------------------------------------------------------------------------- where things are
-export NANOCHAT_PRETRAIN_DIR="$ROOT/dev/cpu_sample/pretrain"   # pretraining shards (last = val)
-export NANOCHAT_DATA_DIR="$ROOT/dev/cpu_sample"                # ARC, MMLU, GSM8K, HumanEval, chat
-export NANOCHAT_EVAL_BUNDLE="$ROOT/dev/cpu_sample/core_sample" # 5 of the 22 CORE tasks
+# The bundled sample's folders are recorded in the base dir (below), not exported: every stage, and
+# any script you run yourself afterwards with the same base dir, finds them there.
+SAMPLE="$ROOT/dev/cpu_sample"
 export WANDB_MODE=${WANDB_MODE:-disabled}
 export MPLCONFIGDIR=${MPLCONFIGDIR:-$(mktemp -d)}
 
@@ -51,6 +51,11 @@ if [[ ! -f "$BASE_DIR/cpu_preset.txt" ]] && compgen -G "$BASE_DIR/tokenizer/*.pk
 fi
 mkdir -p "$BASE_DIR"
 echo "this base dir holds the CPU preset's run (dev/runcpu.sh); the preset may overwrite it" > "$BASE_DIR/cpu_preset.txt"
+# Where the data is (read by nanochat.common.data_dir_setting when the variable is not set):
+# pretraining shards (last = val); ARC, MMLU, GSM8K, HumanEval and chat; 5 of the 22 CORE tasks.
+python3 -c 'import json, sys; json.dump(dict(NANOCHAT_PRETRAIN_DIR=sys.argv[2] + "/pretrain",
+  NANOCHAT_DATA_DIR=sys.argv[2], NANOCHAT_EVAL_BUNDLE=sys.argv[2] + "/core_sample"), open(sys.argv[1], "w"))' \
+  "$BASE_DIR/data_dirs.json" "$SAMPLE"
 
 banner "nanochat CPU PRESET (no GPU found): a tiny d$DEPTH model on the bundled sample, offline.
   This checks that every stage runs; it does not produce a useful model. For the real d20

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import random
@@ -74,11 +75,34 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def base_dir_path() -> str:
+    """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; not created (see get_base_dir)."""
+    return os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+
+
 def get_base_dir() -> str:
-    """All state lives here: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
-    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    """All state lives here: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat (created on first use)."""
+    base_dir = base_dir_path()
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+RECORDED_DATA_DIRS = "data_dirs.json"  # in the base dir: {"NANOCHAT_DATA_DIR": "/path", ...}
+
+
+def data_dir_setting(name: str) -> str | None:
+    """A data folder setting: $name if set, else the folder recorded for it in
+    <base dir>/data_dirs.json, else None. The CPU preset records the bundled sample's folders
+    there, so a user's own runs in the same base dir find the same data with no variable set."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        with open(os.path.join(base_dir_path(), RECORDED_DATA_DIRS), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    value = recorded.get(name) if isinstance(recorded, dict) else None
+    return value if isinstance(value, str) and os.path.isdir(value) else None
 
 
 # -----------------------------------------------------------------------------

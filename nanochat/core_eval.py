@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import download_file, file_lock, get_base_dir, print0
+from nanochat.common import data_dir_setting, download_file, file_lock, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -108,9 +108,9 @@ def download_eval_bundle(url: str, bundle_dir: str, attempts: int = 5) -> str:
 
 
 def get_eval_bundle_dir(url: str = EVAL_BUNDLE_URL) -> str:
-    """$NANOCHAT_EVAL_BUNDLE (a local bundle folder) if set, else <base>/eval_bundle (downloaded
-    on first use)."""
-    local = os.environ.get("NANOCHAT_EVAL_BUNDLE")
+    """$NANOCHAT_EVAL_BUNDLE (a local bundle folder) if set, or the one the CPU preset recorded in
+    the base dir; else <base>/eval_bundle (downloaded on first use)."""
+    local = data_dir_setting("NANOCHAT_EVAL_BUNDLE")
     if local:
         if not os.path.isfile(os.path.join(local, "core.yaml")):
             raise BundleError(f"NANOCHAT_EVAL_BUNDLE={local}: no core.yaml there; point it at an unzipped eval bundle")

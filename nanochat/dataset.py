@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from nanochat.common import download_file, get_base_dir
+from nanochat.common import base_dir_path, data_dir_setting, download_file, get_base_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard is shard_01822.parquet
@@ -40,9 +40,21 @@ def shard_filename(index: int) -> str:
 
 
 def get_data_dir() -> str:
-    """Where the shards live: $NANOCHAT_PRETRAIN_DIR if set (the CPU preset points it at its
-    bundled sample, so sample shards never mix with downloaded FineWeb-Edu shards of the same
-    names), else <base dir>/base_data. Read at call time."""
+    """Where the shards live, read at call time: $NANOCHAT_PRETRAIN_DIR if set; else
+    <base dir>/base_data once it holds shards (downloads always go there); else the folder the CPU
+    preset recorded in the base dir (its bundled sample, kept apart so sample shards never mix with
+    downloaded FineWeb-Edu shards of the same names); else <base dir>/base_data."""
+    if os.environ.get("NANOCHAT_PRETRAIN_DIR"):
+        return os.environ["NANOCHAT_PRETRAIN_DIR"]
+    default = os.path.join(base_dir_path(), "base_data")
+    if list_parquet_files(default):
+        return default
+    return data_dir_setting("NANOCHAT_PRETRAIN_DIR") or default
+
+
+def download_dir() -> str:
+    """Where downloads go: $NANOCHAT_PRETRAIN_DIR if set, else <base dir>/base_data (never a
+    folder the preset recorded: that is the repo's bundled sample)."""
     return os.environ.get("NANOCHAT_PRETRAIN_DIR") or os.path.join(get_base_dir(), "base_data")
 
 
@@ -73,7 +85,7 @@ def _validate_parquet(path: str) -> None:
 def download_shard(index: int, data_dir: str | None = None, base_url: str | None = None,
                    attempts: int = 5, backoff: float | None = None) -> str:
     """Download one shard unless it is already there. Returns its path; raises RuntimeError."""
-    data_dir = data_dir or get_data_dir()
+    data_dir = data_dir or download_dir()
     path = os.path.join(data_dir, shard_filename(index))
     if os.path.exists(path):
         return path
@@ -93,7 +105,7 @@ def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = No
     num_shards = MAX_SHARD + 1 if num_shards == -1 else num_shards
     if not 1 <= num_shards <= MAX_SHARD + 1:
         raise ValueError(f"-n must be between 1 and {MAX_SHARD + 1}, or -1 for all (got {num_shards})")
-    data_dir = data_dir or get_data_dir()
+    data_dir = data_dir or download_dir()
     os.makedirs(data_dir, exist_ok=True)
     todo = [i for i in range(num_shards) if not os.path.exists(os.path.join(data_dir, shard_filename(i)))]
     print(f"{num_shards - len(todo)} of {num_shards} shards already in {data_dir}; downloading {len(todo)}")
@@ -129,7 +141,9 @@ def split_files(split: str, data_dir: str | None = None) -> list[str]:
     where = data_dir or get_data_dir()
     if not files:
         raise FileNotFoundError(f"no parquet shards in {where}: download some first, e.g. "
-                                f"`python -m nanochat.dataset -n 8`")
+                                f"`python -m nanochat.dataset -n 8`, or, offline, run the CPU preset "
+                                f"(`bash dev/runcpu.sh`) or point NANOCHAT_PRETRAIN_DIR at the bundled "
+                                f"sample, dev/cpu_sample/pretrain")
     if len(files) < 2:
         raise FileNotFoundError(f"only 1 shard in {where}, but training needs 2 (the last one is the "
                                 f"val split): `python -m nanochat.dataset -n 2`")
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(failed)} shard(s) could not be downloaded: {[shard_filename(i) for i in failed]}; "
               f"run the same command again to retry them", file=sys.stderr)
         return 1
-    print(f"done: shards are in {get_data_dir()}")
+    print(f"done: shards are in {download_dir()}")
     return 0
 
 

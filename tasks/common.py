@@ -36,7 +36,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 
-from nanochat.common import download_file, file_lock, get_base_dir
+from nanochat.common import data_dir_setting, download_file, file_lock, get_base_dir
 
 HF_URL = "https://huggingface.co"
 
@@ -165,8 +165,9 @@ def check_messages(messages, where: str) -> None:
 
 
 def get_data_dir(data_dir: str | None = None) -> str | None:
-    """The local data folder (argument, else $NANOCHAT_DATA_DIR), or None: download from HF."""
-    return data_dir or os.environ.get("NANOCHAT_DATA_DIR") or None
+    """The local data folder (argument, else $NANOCHAT_DATA_DIR, else the one the CPU preset recorded
+    in the base dir), or None: download from HF."""
+    return data_dir or data_dir_setting("NANOCHAT_DATA_DIR")
 
 
 def read_jsonl(path: str, check: Callable[[dict], None] | None = None) -> list:

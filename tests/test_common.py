@@ -1,5 +1,7 @@
 """Tests for nanochat.common and nanochat.flags: device init, base dir, flags, locked downloads."""
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,20 @@ def test_accumulation_steps_divide_the_batch_or_name_the_nearest_total():
     with pytest.raises(FlagError, match=r"--total_batch_size=500 must be a multiple of .* = 256 "
                                         r"\(e\.g\. --total_batch_size=512\)"):
         accumulation_steps(500, 4, 64, 1)
+
+
+def test_data_dir_setting_prefers_the_variable_then_the_recorded_folder(base_dir, tmp_path, monkeypatch):
+    from nanochat.common import data_dir_setting
+    monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
+    assert data_dir_setting("NANOCHAT_DATA_DIR") is None  # nothing recorded
+    recorded, chosen = tmp_path / "recorded", tmp_path / "chosen"
+    recorded.mkdir()
+    (base_dir / "data_dirs.json").write_text(json.dumps({"NANOCHAT_DATA_DIR": str(recorded)}))
+    assert data_dir_setting("NANOCHAT_DATA_DIR") == str(recorded)
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(chosen))
+    assert data_dir_setting("NANOCHAT_DATA_DIR") == str(chosen)
+    monkeypatch.delenv("NANOCHAT_DATA_DIR")
+    (base_dir / "data_dirs.json").write_text("{not json")  # a damaged record is ignored, not a crash
+    assert data_dir_setting("NANOCHAT_DATA_DIR") is None
+    (base_dir / "data_dirs.json").write_text(json.dumps({"NANOCHAT_DATA_DIR": str(tmp_path / "gone")}))
+    assert data_dir_setting("NANOCHAT_DATA_DIR") is None  # a folder that no longer exists

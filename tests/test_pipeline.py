@@ -6,6 +6,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -165,3 +166,17 @@ def test_cpu_preset_runs_every_stage(base_dir, keep_users_report):
         assert re.fullmatch(r"-?\d\.\d{4}", mid) and re.fullmatch(r"-?\d\.\d{4}", sft), (task, table[task])
     # it ends with a chat answer
     assert proc.stdout.split("stage: chat\n", 1)[1].strip()
+
+    # Afterwards the user's own runs with the same base dir find the same data, no variable set.
+    user_env = {k: v for k, v in env.items() if k not in ("NANOCHAT_PRETRAIN_DIR", "NANOCHAT_DATA_DIR",
+                                                          "NANOCHAT_EVAL_BUNDLE")}
+    own = subprocess.run([sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2",
+                          "--max_seq_len=128", "--device_batch_size=2", "--total_batch_size=256",
+                          "--num_iterations=1", "--eval_tokens=256", "--core_metric_every=-1",
+                          "--sample_every=-1", "--model_tag=mine"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, env=user_env, timeout=300)
+    assert own.returncode == 0, own.stdout[-2000:] + own.stderr[-2000:]
+    evaluation = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "--device_type=cpu",
+                                 "-g", "d2", "-a", "ARC-Easy", "-x", "2", "-m", "8"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, env=user_env, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stdout[-2000:] + evaluation.stderr[-2000:]
