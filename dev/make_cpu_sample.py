@@ -44,7 +44,7 @@ COPIES = ["humaneval/HumanEval.jsonl.gz", "core_sample/core.yaml", "core_sample/
 # Pretraining text: (output shard, source shard, number of documents). The last shard is val.
 PRETRAIN = [("shard_00000.parquet", "shard_00000.parquet", 2048),
             ("shard_00001.parquet", "shard_00002.parquet", 512)]
-ROW_GROUP_SIZE = 1024  # as in the full data set
+ROW_GROUP_SIZE = 64  # small, so up to 8 ranks each get row groups of the 512-row val shard (the full data set: 1024)
 
 
 def evenly_spaced(rows: list, n: int) -> list:
