@@ -15,7 +15,7 @@ Design choices:
 - `TaskMixture` shuffles every (task, index) pair with a fixed seed: listing a task twice makes
   it seen twice per epoch (oversampling by repetition). `TaskSequence` concatenates in order.
 - Rows come from local files when a data directory is given (the `data_dir` argument or
-  $NANOCHAT_DATA_DIR, laid out like ../shared/data: `arc/ARC-Easy/test.jsonl`, `mmlu/test.jsonl`,
+  $NANOCHAT_DATA_DIR, laid out like dev/cpu_sample: `arc/ARC-Easy/test.jsonl`, `mmlu/test.jsonl`,
   `gsm8k/train.jsonl`, `humaneval/HumanEval.jsonl.gz`, `chat/*.messages.jsonl`). Otherwise the
   Hugging Face parquet export of the data set is downloaded once into `<base dir>/task_data/`:
   the Hub's listing `GET {HF}/api/datasets/{repo}/parquet/{config}/{split}` names the files, each

@@ -125,10 +125,10 @@ def task_meta(task_type, num_fewshot=0, delimiter=" "):
     return {"task_type": task_type, "num_fewshot": num_fewshot, "continuation_delimiter": delimiter}
 
 
-def sample_tasks(shared_data, max_per_task):
+def sample_tasks(sample_data, max_per_task):
     """(task, data) for each task of core_sample, shuffled and capped as evaluate_core does."""
     out = []
-    for task in load_bundle(str(shared_data / "core_sample")):
+    for task in load_bundle(str(sample_data / "core_sample")):
         data = load_task_data(task["dataset_path"], task["task_type"])
         random.Random(1337).shuffle(data)
         out.append((task, data[:max_per_task]))
@@ -234,12 +234,12 @@ def test_crop_left_shifts_spans():
 # Scoring
 
 
-def test_oracle_scores_one_on_core_sample(shared_data):
+def test_oracle_scores_one_on_core_sample(sample_data):
     tok = small_bpe()
     assert len(tok.encode("Question: the water")) < len("Question: the water")  # merges happen
-    tasks = sample_tasks(shared_data, max_per_task=24)
+    tasks = sample_tasks(sample_data, max_per_task=24)
     model = OracleModel(gold_rows(tasks, tok), tok.get_vocab_size())
-    out = evaluate_core(model, tok, "cpu", max_per_task=24, bundle_dir=str(shared_data / "core_sample"))
+    out = evaluate_core(model, tok, "cpu", max_per_task=24, bundle_dir=str(sample_data / "core_sample"))
     assert set(out["results"]) == {"arc_easy", "copa", "lambada_openai", "winograd", "bigbench_operators"}
     assert all(acc == 1.0 for acc in out["results"].values()), out["results"]
     assert all(c == pytest.approx(1.0) for c in out["centered_results"].values())
@@ -247,20 +247,20 @@ def test_oracle_scores_one_on_core_sample(shared_data):
     assert out["num_examples"] == {label: 24 for label in out["results"]}
 
 
-def test_oracle_with_cropping(shared_data):
+def test_oracle_with_cropping(sample_data):
     """A short context window: rows lose tokens on the left and the spans move with them."""
     tok = ByteTokenizer()
-    tasks = [(t, d) for t, d in sample_tasks(shared_data, max_per_task=8) if t["label"] in ("arc_easy", "lambada_openai")]
+    tasks = [(t, d) for t, d in sample_tasks(sample_data, max_per_task=8) if t["label"] in ("arc_easy", "lambada_openai")]
     model = OracleModel(gold_rows(tasks, tok, sequence_len=64), 257, sequence_len=64)
     for task, data in tasks:
         assert max(len(prepare_item(i, data, tok, task, None)[0][0]) for i in range(len(data))) > 64
         assert evaluate_task(model, tok, data, "cpu", task) == 1.0
 
 
-def test_uniform_model_is_chance_with_ties_to_first(shared_data):
+def test_uniform_model_is_chance_with_ties_to_first(sample_data):
     tok = ByteTokenizer()
-    out = evaluate_core(UniformModel(257), tok, "cpu", max_per_task=40, bundle_dir=str(shared_data / "core_sample"))
-    for task, data in sample_tasks(shared_data, max_per_task=40):
+    out = evaluate_core(UniformModel(257), tok, "cpu", max_per_task=40, bundle_dir=str(sample_data / "core_sample"))
+    for task, data in sample_tasks(sample_data, max_per_task=40):
         label = task["label"]
         if task["task_type"] == "language_modeling":
             assert out["results"][label] == 0.0  # argmax of equal logits is token 0, never in the text
@@ -272,10 +272,10 @@ def test_uniform_model_is_chance_with_ties_to_first(shared_data):
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 5)
 
 
-def test_same_accuracies_whatever_the_batch_size(shared_data):
+def test_same_accuracies_whatever_the_batch_size(sample_data):
     tok = small_bpe()
     model = CausalMeanModel(tok.get_vocab_size(), sequence_len=128)
-    results = [evaluate_core(model, tok, "cpu", max_per_task=16, bundle_dir=str(shared_data / "core_sample"),
+    results = [evaluate_core(model, tok, "cpu", max_per_task=16, bundle_dir=str(sample_data / "core_sample"),
                              batch_size=bs)["results"] for bs in (1, 5, 64)]
     assert results[0] == results[1] == results[2]
     assert 0 < sum(results[0].values()) < 5  # a random model: neither all right nor all wrong
@@ -317,9 +317,9 @@ def test_two_ranks_cover_every_item_once(tmp_path):
 
 
 @pytest.fixture
-def bundle(tmp_path, shared_data):
+def bundle(tmp_path, sample_data):
     path = tmp_path / "bundle"
-    shutil.copytree(shared_data / "core_sample", path)
+    shutil.copytree(sample_data / "core_sample", path)
     return path
 
 
@@ -422,9 +422,9 @@ def _zip_of(folder, tmp_path) -> bytes:
     return path.read_bytes()
 
 
-def test_download_bundle_once_with_two_downloaders(shared_data, tmp_path, base_dir, monkeypatch):
+def test_download_bundle_once_with_two_downloaders(sample_data, tmp_path, base_dir, monkeypatch):
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
-    server = _Server(_zip_of(shared_data / "core_sample", tmp_path))
+    server = _Server(_zip_of(sample_data / "core_sample", tmp_path))
     try:
         got = []
         threads = [threading.Thread(target=lambda: got.append(core_eval.get_eval_bundle_dir(url=server.url)))
@@ -441,9 +441,9 @@ def test_download_bundle_once_with_two_downloaders(shared_data, tmp_path, base_d
     assert sorted(os.listdir(base_dir)) == ["eval_bundle", "eval_bundle.lock"]
 
 
-def test_corrupt_zip_is_discarded(shared_data, tmp_path, base_dir, monkeypatch):
+def test_corrupt_zip_is_discarded(sample_data, tmp_path, base_dir, monkeypatch):
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
-    good = _zip_of(shared_data / "core_sample", tmp_path)
+    good = _zip_of(sample_data / "core_sample", tmp_path)
     for payload in (good[: len(good) // 2], b"<html>not a zip</html>",
                     good.replace(b"icl_tasks", b"icl_taskz")):  # the last one: a CRC mismatch
         server = _Server(payload)

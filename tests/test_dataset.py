@@ -1,6 +1,6 @@
 """
 Tests for nanochat/dataset.py against a real HTTP server on 127.0.0.1 that serves copies of the
-shared pretraining shards, and can misbehave on purpose: HTTP 500, a body cut short of its
+test pretraining shards, and can misbehave on purpose: HTTP 500, a body cut short of its
 Content-Length, or garbage bytes that are not parquet.
 """
 
@@ -70,10 +70,10 @@ class ShardServer:
 
 
 @pytest.fixture
-def server(tmp_path, shared_data, monkeypatch):
+def server(tmp_path, pretrain_shards, monkeypatch):
     root = tmp_path / "served"
     root.mkdir()
-    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
+    for src in sorted(pretrain_shards.glob("shard_*.parquet")):
         shutil.copy(src, root / src.name)
     with ShardServer(str(root)) as s:
         monkeypatch.setenv("NANOCHAT_DATASET_URL", s.url)
@@ -150,8 +150,8 @@ def test_cli_downloads_and_reports_failures(server, base_dir):
         dataset.download_shards(5000)  # more shards than exist (the CLI turns it into a usage error)
 
 
-def test_splits_and_rank_striding(shared_data, base_dir):
-    data_dir = copy_pretrain_shards(shared_data, base_dir)
+def test_splits_and_rank_striding(pretrain_shards, base_dir):
+    data_dir = copy_pretrain_shards(pretrain_shards, base_dir)
     (data_dir / "shard_00003.parquet.tmp123").write_bytes(b"partial")  # ignored
     files = dataset.list_parquet_files()
     assert [os.path.basename(f) for f in files] == [f"shard_0000{i}.parquet" for i in range(3)]
@@ -160,7 +160,7 @@ def test_splits_and_rank_striding(shared_data, base_dir):
     val = list(dataset.parquets_iter_batched("val"))
     pf = pq.ParquetFile(files[-1])
     assert val == [pf.read_row_group(i).column("text").to_pylist() for i in range(pf.num_row_groups)]
-    assert [len(t) for t in val] == [1024, 246]
+    assert [len(t) for t in val] == [384, 128]
     train = list(dataset.iter_row_groups("train"))
     assert [(s, r) for s, r, _ in train] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
 
@@ -174,22 +174,19 @@ def test_splits_and_rank_striding(shared_data, base_dir):
     assert [(s, r) for s, r, _ in dataset.iter_row_groups("train", 1, 2, resume_from=(1, 0))] == [(1, 0), (1, 2)]
 
 
-def test_missing_shards_error_names_the_command(shared_data, base_dir):
+def test_missing_shards_error_names_the_command(pretrain_shards, base_dir):
     with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset"):
         next(dataset.parquets_iter_batched("train"))
     (base_dir / "base_data").mkdir()
-    shutil.copy(shared_data / "pretrain" / "shard_00000.parquet", base_dir / "base_data")
+    shutil.copy(pretrain_shards / "shard_00000.parquet", base_dir / "base_data")
     with pytest.raises(FileNotFoundError, match="-n 2"):
         next(dataset.parquets_iter_batched("val"))
 
 
-def test_pretrain_dir_override_points_the_loaders_elsewhere(tmp_path, monkeypatch, shared_data):
-    sample = tmp_path / "sample"
-    sample.mkdir()
-    for name in ("shard_00000.parquet", "shard_00001.parquet"):
-        shutil.copy(shared_data / "pretrain" / name, sample / name)
+def test_pretrain_dir_override_points_the_loaders_elsewhere(monkeypatch, sample_data):
+    sample = sample_data / "pretrain"  # the CPU preset's 2 shards, read in place
     monkeypatch.setenv("NANOCHAT_PRETRAIN_DIR", str(sample))
     assert dataset.get_data_dir() == str(sample)
     assert [os.path.basename(f) for f in dataset.split_files("train")] == ["shard_00000.parquet"]
     assert [os.path.basename(f) for f in dataset.split_files("val")] == ["shard_00001.parquet"]
-    assert sum(len(texts) for texts in dataset.parquets_iter_batched("val")) == 3072
+    assert sum(len(texts) for texts in dataset.parquets_iter_batched("val")) == 512
