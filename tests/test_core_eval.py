@@ -2,7 +2,8 @@
 Tests for nanochat/core_eval.py: prompt rendering against hand-written strings, token spans and
 left-cropping, the scorer with an oracle model (accuracy 1.0) and a uniform one (chance, ties to the
 first choice), batch-size and 2-rank invariance, bundle validation errors, and the bundle download
-from a local HTTP server (good zip, corrupt zip, two concurrent downloaders).
+from a local HTTP server (good zip, corrupt zip, two concurrent downloaders; an endless body, a
+trickle, garbage in the middle, a dropped connection, Ctrl-C in a real subprocess).
 """
 
 import http.server
@@ -10,7 +11,11 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from types import SimpleNamespace
 
@@ -19,10 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import REPO_ROOT
+from misbehaving_server import MisbehavingServer, wait_for
 from nanochat import core_eval
 from nanochat.core_eval import (BundleError, crop_left, evaluate_core, evaluate_task, load_bundle, load_task_data,
                                 prepare_item, render_prompts_lm, render_prompts_mc, render_prompts_schema,
                                 tokenize_example)
+from nanochat.download import DownloadError
 
 
 @pytest.fixture(autouse=True)
@@ -453,3 +461,62 @@ def test_corrupt_zip_is_discarded(sample_data, tmp_path, base_dir, monkeypatch):
         finally:
             server.close()
         assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]  # no bundle, zip or temp folder left
+
+
+@pytest.fixture
+def bad_server(sample_data, tmp_path, monkeypatch):
+    """The sample bundle as eval_bundle.zip on the misbehaving server (tests/misbehaving_server.py)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "eval_bundle.zip").write_bytes(_zip_of(sample_data / "core_sample", tmp_path))
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0.01")
+    with MisbehavingServer(root, trickle_s=0.5) as server:
+        server.zip_url = f"{server.url}/eval_bundle.zip"
+        yield server
+
+
+def test_bundle_download_has_a_size_cap_and_a_deadline_and_keeps_no_damage(bad_server, base_dir, monkeypatch):
+    bundle_dir = str(base_dir / "eval_bundle")
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_MAX_MB", "2")
+    bad_server.plan = {"eval_bundle.zip": ["endless"]}
+    with pytest.raises(DownloadError, match=r"^eval_bundle.zip: .* sends more than the 2 MB cap for one file"):
+        core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir)
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]
+    monkeypatch.delenv("NANOCHAT_DOWNLOAD_MAX_MB")
+
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_DEADLINE", "1")
+    bad_server.plan = {"eval_bundle.zip": ["trickle"]}
+    with pytest.raises(DownloadError, match=r"^eval_bundle.zip: .* did not finish within its deadline of 1 s"):
+        core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir)
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]
+    monkeypatch.delenv("NANOCHAT_DOWNLOAD_DEADLINE")
+
+    # garbage in the middle (the zip directory at the end intact: caught by the CRCs), a dropped
+    # connection: both retried, then the good zip is unpacked
+    bad_server.plan = {"eval_bundle.zip": ["corrupt_middle", "truncate"]}
+    assert core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir) == bundle_dir
+    assert len(load_bundle(bundle_dir)) == 5 and bad_server.requests == ["eval_bundle.zip"] * 5
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle", "eval_bundle.lock"]
+
+
+def test_ctrl_c_during_the_bundle_download_leaves_nothing(bad_server, base_dir):
+    bad_server.trickle_s = 30
+    bad_server.plan = {"eval_bundle.zip": ["trickle"]}
+    code = ("from nanochat.core_eval import download_eval_bundle\n"
+            f"download_eval_bundle({bad_server.zip_url!r}, {str(base_dir / 'eval_bundle')!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    temp_files = lambda: [f for f in os.listdir(base_dir) if f != "eval_bundle.lock"]
+    try:
+        wait_for(lambda: temp_files(), timeout=60, what="the temp file")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: not temp_files(), timeout=5, what="the temp file to go")
+        stopped = time.monotonic() - t0
+        proc.wait(60)  # exiting unloads torch, which takes its time on a busy machine
+    finally:
+        proc.kill()
+    assert stopped < 1, stopped
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]

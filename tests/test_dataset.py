@@ -1,72 +1,24 @@
 """
 Tests for nanochat/dataset.py against a real HTTP server on 127.0.0.1 that serves copies of the
-test pretraining shards, and can misbehave on purpose: HTTP 500, a body cut short of its
-Content-Length, or garbage bytes that are not parquet.
+test pretraining shards, and can misbehave on purpose (tests/misbehaving_server.py): HTTP 500, a
+body cut short of its Content-Length, garbage bytes that are not parquet, garbage in the middle of
+a shard whose footer is intact, an endless body, a trickle; and Ctrl-C sent to the real CLI in the
+middle of its downloads.
 """
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, copy_pretrain_shards
+from misbehaving_server import MisbehavingServer, wait_for
 from nanochat import dataset
-
-
-class ShardServer:
-    """Serves files of `root`. `plan[name]` is a list of behaviours, one consumed per request
-    ('ok', '500', 'truncate', 'garbage'); when the list is empty, requests are served normally."""
-
-    def __init__(self, root):
-        self.root = root
-        self.plan = {}
-        self.requests = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                name = self.path.lstrip("/")
-                with server.lock:
-                    server.requests.append(name)
-                    todo = server.plan.get(name)
-                    behaviour = todo.pop(0) if todo else "ok"
-                path = os.path.join(server.root, name)
-                if behaviour == "500" or not os.path.exists(path):
-                    self.send_error(500 if behaviour == "500" else 404)
-                    return
-                body = open(path, "rb").read()
-                if behaviour == "garbage":
-                    body = b"<html>not a parquet file</html>" * 100
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if behaviour == "truncate":
-                    self.wfile.write(body[: len(body) // 3])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -75,7 +27,7 @@ def server(tmp_path, pretrain_shards, monkeypatch):
     root.mkdir()
     for src in sorted(pretrain_shards.glob("shard_*.parquet")):
         shutil.copy(src, root / src.name)
-    with ShardServer(str(root)) as s:
+    with MisbehavingServer(root) as s:
         monkeypatch.setenv("NANOCHAT_DATASET_URL", s.url)
         monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0.01")
         yield s
@@ -110,19 +62,19 @@ def test_existing_files_are_skipped(server, base_dir):
 def test_flaky_server_retries_and_keeps_nothing_bad(server, base_dir):
     server.plan = {"shard_00000.parquet": ["500", "500"],
                    "shard_00001.parquet": ["truncate"],
-                   "shard_00002.parquet": ["garbage", "truncate"]}
+                   "shard_00002.parquet": ["garbage", "corrupt_middle", "truncate"]}
     assert dataset.download_shards(3, workers=3) == []
     data_dir = base_dir / "base_data"
     assert _leftovers(data_dir) == []
     assert server.requests.count("shard_00000.parquet") == 3
     assert server.requests.count("shard_00001.parquet") == 2
-    assert server.requests.count("shard_00002.parquet") == 3
+    assert server.requests.count("shard_00002.parquet") == 4
     for i in range(3):
         name = dataset.shard_filename(i)
         assert (data_dir / name).read_bytes() == open(os.path.join(server.root, name), "rb").read()
 
 
-@pytest.mark.parametrize("behaviour", ["500", "garbage", "truncate"])
+@pytest.mark.parametrize("behaviour", ["500", "garbage", "truncate", "corrupt_middle"])
 def test_permanent_failure_leaves_no_file(server, base_dir, behaviour):
     server.plan = {"shard_00001.parquet": [behaviour] * 6}
     assert dataset.download_shards(3, workers=2, attempts=5) == [1]
@@ -148,6 +100,44 @@ def test_cli_downloads_and_reports_failures(server, base_dir):
     assert "1 of 2 shards already" in good.stdout
     with pytest.raises(ValueError, match="-n must be between 1 and 1823"):
         dataset.download_shards(5000)  # more shards than exist (the CLI turns it into a usage error)
+
+
+def test_endless_and_trickling_shards_fail_with_one_clear_line(server, base_dir, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_MAX_MB", "5")  # shards here are < 1 MB
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_DEADLINE", "1.5")
+    server.plan = {"shard_00000.parquet": ["endless"], "shard_00001.parquet": ["trickle"]}
+    t0 = time.monotonic()
+    assert dataset.download_shards(3, workers=3) == [0, 1]
+    assert time.monotonic() - t0 < 10
+    assert sorted(os.listdir(base_dir / "base_data")) == ["shard_00002.parquet"]
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("FAILED shard_00000.parquet: shard_00000.parquet: ") and "more than the 5 MB cap" in line
+               for line in lines)
+    assert any(line.startswith("FAILED shard_00001.parquet: ") and "deadline of 1.5 s" in line for line in lines)
+    assert server.requests.count("shard_00000.parquet") == 1  # neither is retried
+    assert server.requests.count("shard_00001.parquet") == 1
+
+
+def test_ctrl_c_stops_the_cli_within_a_second_and_keeps_no_partial_file(server, base_dir):
+    server.trickle_s = 30  # every worker blocks in a read until its socket is shut down
+    server.plan = {dataset.shard_filename(i): ["trickle"] for i in range(3)}
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "3", "-w", "3"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    data_dir = base_dir / "base_data"
+    try:
+        wait_for(lambda: data_dir.is_dir() and len(_leftovers(data_dir)) == 3, timeout=60, what="3 temp files")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert elapsed < 1, elapsed
+    assert os.listdir(data_dir) == []
 
 
 def test_splits_and_rank_striding(pretrain_shards, base_dir):
