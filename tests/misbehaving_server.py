@@ -14,9 +14,14 @@ the file is served normally ('ok'):
 - 'trickle': the right Content-Length, then one byte every `trickle_s` seconds;
 - 'redirect': a 302 to /files/<name>, which serves the file (with `sha256[name]`, when set, in an
   X-Linked-Etag header on the redirect, as the Hugging Face Hub does).
+
+`interrupt_mid_download` runs a real subprocess and sends it SIGINT (Ctrl-C) mid-download.
 """
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -110,3 +115,25 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def interrupt_mid_download(args: list[str], cwd, started, stopped=None) -> tuple[float, int, str]:
+    """Run `python *args` in `cwd`, wait until `started()` (e.g. its temp files exist), send it
+    SIGINT, and return (seconds until `stopped()` is true, by default until the process has exited;
+    its exit status; its stderr)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for(started, timeout=60, what="the download to start")
+        time.sleep(0.3)  # well inside the blocked read
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        if stopped is None:
+            proc.wait(10)
+        else:
+            wait_for(stopped, timeout=10, what="the download to stop")
+        elapsed = time.monotonic() - t0
+        proc.wait(60)  # a process that has loaded torch takes a while to exit on a busy machine
+    finally:
+        proc.kill()
+    return elapsed, proc.returncode, proc.stderr.read()

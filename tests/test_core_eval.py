@@ -11,11 +11,7 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 import zipfile
 from types import SimpleNamespace
 
@@ -25,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import REPO_ROOT
-from misbehaving_server import MisbehavingServer, wait_for
+from misbehaving_server import MisbehavingServer, interrupt_mid_download
 from nanochat import core_eval
 from nanochat.core_eval import (BundleError, crop_left, evaluate_core, evaluate_task, load_bundle, load_task_data,
                                 prepare_item, render_prompts_lm, render_prompts_mc, render_prompts_schema,
@@ -505,18 +501,10 @@ def test_ctrl_c_during_the_bundle_download_leaves_nothing(bad_server, base_dir):
     bad_server.plan = {"eval_bundle.zip": ["trickle"]}
     code = ("from nanochat.core_eval import download_eval_bundle\n"
             f"download_eval_bundle({bad_server.zip_url!r}, {str(base_dir / 'eval_bundle')!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     temp_files = lambda: [f for f in os.listdir(base_dir) if f != "eval_bundle.lock"]
-    try:
-        wait_for(lambda: temp_files(), timeout=60, what="the temp file")
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        wait_for(lambda: not temp_files(), timeout=5, what="the temp file to go")
-        stopped = time.monotonic() - t0
-        proc.wait(60)  # exiting unloads torch, which takes its time on a busy machine
-    finally:
-        proc.kill()
+    # timed until the temp file is gone: the exit after it unloads torch, slow on a busy machine
+    stopped, status, stderr = interrupt_mid_download(["-c", code], REPO_ROOT, started=temp_files,
+                                                     stopped=lambda: not temp_files())
     assert stopped < 1, stopped
-    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
+    assert status != 0 and "KeyboardInterrupt" in stderr
     assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]

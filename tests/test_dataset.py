@@ -8,7 +8,6 @@ middle of its downloads.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, copy_pretrain_shards
-from misbehaving_server import MisbehavingServer, wait_for
+from misbehaving_server import MisbehavingServer, interrupt_mid_download
 from nanochat import dataset
 
 
@@ -121,20 +120,11 @@ def test_endless_and_trickling_shards_fail_with_one_clear_line(server, base_dir,
 def test_ctrl_c_stops_the_cli_within_a_second_and_keeps_no_partial_file(server, base_dir):
     server.trickle_s = 30  # every worker blocks in a read until its socket is shut down
     server.plan = {dataset.shard_filename(i): ["trickle"] for i in range(3)}
-    proc = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "3", "-w", "3"], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     data_dir = base_dir / "base_data"
-    try:
-        wait_for(lambda: data_dir.is_dir() and len(_leftovers(data_dir)) == 3, timeout=60, what="3 temp files")
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
-        elapsed = time.monotonic() - t0
-    finally:
-        proc.kill()
-    stderr = proc.stderr.read()
-    assert proc.returncode == 130, stderr
+    elapsed, status, stderr = interrupt_mid_download(
+        ["-m", "nanochat.dataset", "-n", "3", "-w", "3"], REPO_ROOT,
+        started=lambda: data_dir.is_dir() and len(_leftovers(data_dir)) == 3)
+    assert status == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert elapsed < 1, elapsed
     assert os.listdir(data_dir) == []

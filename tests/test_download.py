@@ -12,9 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT
-from misbehaving_server import MisbehavingServer, wait_for
+from misbehaving_server import MisbehavingServer, interrupt_mid_download, wait_for
 from nanochat.download import DownloadCancelled, DownloadError, check_parquet, download_file, fetch_bytes
 
 NAME = "shard_00002.parquet"  # the smallest test shard (~0.5 MB, 2 row groups)
@@ -150,17 +147,8 @@ def test_ctrl_c_stops_within_a_second_and_removes_the_temp_file(server, out):
     server.plan = {NAME: ["trickle"]}
     code = ("import sys; from nanochat.download import download_file\n"
             f"download_file({server.url + '/' + NAME!r}, {str(out / NAME)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: os.listdir(out), what="the temp file")
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(5)
-        elapsed = time.monotonic() - t0
-    finally:
-        proc.kill()
-    assert "KeyboardInterrupt" in proc.stderr.read()
+    elapsed, status, stderr = interrupt_mid_download(["-c", code], REPO_ROOT, started=lambda: os.listdir(out))
+    assert status != 0 and "KeyboardInterrupt" in stderr
     assert elapsed < 1, elapsed
     assert os.listdir(out) == []
 
