@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from nanochat.common import get_base_dir
-from nanochat.download import DownloadCancelled, check_parquet, download_file
+from nanochat.download import check_parquet, download_file
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard is shard_01822.parquet
@@ -104,8 +104,6 @@ def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = No
             for future in as_completed(futures):
                 try:
                     future.result()
-                except DownloadCancelled:
-                    pass
                 except Exception as e:  # download_file already retried; report and go on
                     failed.append(futures[future])
                     tqdm.write(f"FAILED {shard_filename(futures[future])}: {e}")

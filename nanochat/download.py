@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -105,6 +106,16 @@ class _Watchdog:
         self._done.set()
 
 
+def _tls_context() -> ssl.SSLContext:
+    """Certificates from certifi (installed with requests) when present, as requests does: some
+    Python builds (python.org's on macOS) come without a usable system store."""
+    try:
+        import certifi
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:
+        return ssl.create_default_context()
+
+
 def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
     """A connection for `url` (through $https_proxy / $http_proxy unless $no_proxy excludes the
     host), the request target to send on it and the proxy's headers for the request."""
@@ -116,15 +127,16 @@ def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str,
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     proxy = urllib.request.getproxies().get(parts.scheme)
     if not proxy or urllib.request.proxy_bypass(parts.hostname):
-        cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        return cls(parts.hostname, port, timeout=timeout), target, {}
+        if https:
+            return http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=_tls_context()), target, {}
+        return http.client.HTTPConnection(parts.hostname, port, timeout=timeout), target, {}
     p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     headers = {}
     if p.username:
         credentials = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
         headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials).decode()
     if https:  # a CONNECT tunnel through the proxy, TLS to the real host inside it
-        conn = http.client.HTTPSConnection(p.hostname, p.port or 8080, timeout=timeout)
+        conn = http.client.HTTPSConnection(p.hostname, p.port or 8080, timeout=timeout, context=_tls_context())
         conn.set_tunnel(parts.hostname, port, headers=headers)
         return conn, target, {}
     return http.client.HTTPConnection(p.hostname, p.port or 8080, timeout=timeout), url, headers

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 
 class MisbehavingServer:
@@ -40,7 +41,8 @@ class MisbehavingServer:
                 pass
 
             def do_GET(self):
-                name = self.path.lstrip("/")
+                # a proxy is sent the whole URL ("GET http://host/name"): it is served the same
+                name = urlsplit(self.path).path.lstrip("/")
                 redirected = name.startswith("files/")
                 name = name.removeprefix("files/")
                 with server.lock:

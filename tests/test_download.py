@@ -153,6 +153,18 @@ def test_ctrl_c_stops_within_a_second_and_removes_the_temp_file(server, out):
     assert os.listdir(out) == []
 
 
+def test_http_proxy_from_the_environment(server, out, monkeypatch):
+    """$http_proxy routes the request (the server acts as the proxy for a host that does not
+    exist); $no_proxy exempts a host."""
+    monkeypatch.setenv("http_proxy", server.url)
+    monkeypatch.setenv("no_proxy", "")
+    download_file(f"http://no-such-host.invalid/{NAME}", str(out / NAME), validate=check_parquet)
+    assert (out / NAME).read_bytes() == server.body
+    monkeypatch.setenv("no_proxy", "no-such-host.invalid")
+    with pytest.raises(DownloadError, match="could not download http://no-such-host.invalid"):
+        download_file(f"http://no-such-host.invalid/{NAME}", str(out / "other.parquet"), attempts=1)
+
+
 def test_fetch_bytes_small_body_and_cap(server):
     assert fetch_bytes(f"{server.url}/{NAME}", max_bytes=10**6) == server.body
     with pytest.raises(DownloadError, match="more than the 0.001 MB cap"):
