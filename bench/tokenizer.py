@@ -10,9 +10,10 @@ Run:
     python bench/tokenizer.py --json=out.json           # also write every measurement
 
 What it does:
-- The corpus is the `text` column of the parquet shards in --data_dir (default: ../shared/data/pretrain
-  beside the repo when it is there, i.e. 7,414 OpenStax documents, 21.7 M chars, 21.8 MB of UTF-8;
-  otherwise the dataset's folder), documents cycled in order until --mb MB (10^6 bytes of UTF-8).
+- The corpus is the `text` column of the parquet shards in --data_dir (default: the downloaded
+  shards in <base dir>/base_data when there are any, otherwise the CPU sample's 2 shards in
+  dev/cpu_sample/pretrain, 2,560 OpenStax documents, 7.5 M chars), documents cycled in order until
+  --mb MB (10^6 bytes of UTF-8).
   It is written once to a cache file (a pickled list of str) that every worker loads the same way.
 - Every (trainer, vocab) run is its own subprocess: it loads the corpus, times the training call
   (wall clock, and the process's CPU seconds over all its threads) and reports its own peak RSS
@@ -58,7 +59,7 @@ DEFAULTS = dict(
     trainers="ours,pypi,hf",
     encode_mb=10.0,         # MB of the corpus to encode (0: skip the encode part)
     encode_threads=2,       # tiktoken encode_ordinary_batch threads
-    data_dir="",            # parquet shards with a `text` column ("": ../shared/data/pretrain, else the dataset's)
+    data_dir="",            # parquet shards with a `text` column ("": the dataset's, else dev/cpu_sample/pretrain)
     cache_dir=os.path.join(tempfile.gettempdir(), "nanochat_bench_tokenizer"),  # corpus, PyPI wheel, tokenizers
     json="",                # also write every measurement to this JSON file
     worker="",              # internal: a JSON job for one subprocess
@@ -72,11 +73,11 @@ PYPI_SPEC = "rustbpe==0.1.0"
 
 
 def default_data_dir() -> str:
-    shared = Path(os.environ.get("NANOCHAT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "pretrain"
-    if glob.glob(str(shared / "*.parquet")):
-        return str(shared)
     from nanochat.dataset import get_data_dir
-    return get_data_dir()
+    downloaded = get_data_dir()
+    if glob.glob(os.path.join(downloaded, "*.parquet")):
+        return downloaded
+    return str(REPO_ROOT / "dev" / "cpu_sample" / "pretrain")
 
 
 def build_corpus(cache_dir: Path, mb: float, data_dir: str) -> tuple[Path, dict]:

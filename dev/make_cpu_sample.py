@@ -1,11 +1,17 @@
 """
-Cut the small data sample that the CPU preset ships with (dev/cpu_sample/) out of the project's
-shared data folder (../shared/data), deterministically. Run once by a maintainer; the result is
-committed, so users never need this script or the network.
+Cut the small data sample that the CPU preset ships with (dev/cpu_sample/) out of a larger copy of
+the same data sets, deterministically. Run once by a maintainer; the result is committed, so users
+never need this script or the network.
 
-    python dev/make_cpu_sample.py [--src ../shared/data] [--dst dev/cpu_sample]
+    python dev/make_cpu_sample.py --src FOLDER [--dst dev/cpu_sample]
 
-The sample keeps the shared folder's layout (the tasks read it through NANOCHAT_DATA_DIR, CORE
+FOLDER is laid out like the sample itself, with the full files: arc/<subset>/<split>.jsonl,
+mmlu/<split>.jsonl, gsm8k/<split>.jsonl, humaneval/HumanEval.jsonl.gz, chat/*.messages.jsonl,
+core_sample/ (core.yaml, eval_meta_data.csv, eval_data/...) and pretrain/shard_0000{0,2}.parquet
+(already shuffled; the last one is the validation text). Sources and licences of every file are
+in dev/cpu_sample/README.md.
+
+The sample keeps that layout (the tasks read it through NANOCHAT_DATA_DIR, CORE
 through NANOCHAT_EVAL_BUNDLE) and takes evenly spaced rows so every slice spans its whole source
 (all MMLU subjects, every book of the pretraining text). Sizes are chosen so the whole CPU
 pipeline finishes in minutes on 2 cores; see dev/cpu_sample/README.md for sources and licences.
@@ -57,7 +63,7 @@ def evenly_spaced(rows: list, n: int) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
-    parser.add_argument("--src", default=os.path.join(here, "..", "..", "shared", "data"))
+    parser.add_argument("--src", required=True, help="a folder laid out like dev/cpu_sample, with the full files")
     parser.add_argument("--dst", default=os.path.join(here, "cpu_sample"))
     args = parser.parse_args()
 

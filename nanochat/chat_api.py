@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 
 # -----------------------------------------------------------------------------
-# Limits (SPEC "Chat interfaces"): each violation is a 400 with a message
+# Limits (as in the reference nanochat's chat_web): each violation is a 400 with a message
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000

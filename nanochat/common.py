@@ -1,6 +1,7 @@
 """
 Common utilities: the one door for devices, distributed init, seeding, the base directory,
-rank-0 printing, logging, wandb (or a no-op stand-in), and locked atomic downloads.
+rank-0 printing, logging, wandb (or a no-op stand-in), an inter-process lock and atomic writes
+(downloads are in nanochat/download.py).
 
 Design choices:
 - `compute_init()` decides device, process group and seeds once and returns a small named
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -287,7 +287,7 @@ def get_wandb(run: str, project: str, config: dict, master_process: bool):
 
 
 # -----------------------------------------------------------------------------
-# Files: an inter-process lock and a retrying, atomic download
+# Files: atomic writes and an inter-process lock
 
 
 def atomic_write(path: str, write_fn) -> None:
@@ -316,44 +316,3 @@ def file_lock(path: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def download_file(url: str, path: str, attempts: int = 5, chunk_size: int = 1 << 20,
-                  timeout: float = 30.0, backoff: float = 1.0, validate=None) -> str:
-    """Download `url` to `path`, streaming in chunks to `path.tmp` and renaming when complete.
-
-    Retries up to `attempts` times with exponential backoff (backoff · 1, 2, 4, ... s). A partial or
-    invalid file (`validate(tmp_path)` raising) is deleted, never renamed into place, so `path`
-    exists only if it is complete. Returns `path`; raises RuntimeError after the last attempt.
-    """
-    import requests  # imported lazily: importing nanochat.common stays cheap
-
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    last_error = None
-    for attempt in range(1, attempts + 1):
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as response:
-                response.raise_for_status()
-                expected = response.headers.get("Content-Length")
-                written = 0
-                with open(tmp_path, "wb") as f:
-                    for chunk in response.iter_content(chunk_size=chunk_size):
-                        if chunk:
-                            f.write(chunk)
-                            written += len(chunk)
-                if expected is not None and written != int(expected):
-                    raise IOError(f"truncated download: got {written} of {expected} bytes")
-            if validate is not None:
-                validate(tmp_path)
-            os.replace(tmp_path, path)
-            return path
-        except Exception as e:  # network errors, HTTP errors, truncation, validation
-            last_error = e
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp_path)
-            if attempt < attempts:
-                wait = backoff * 2 ** (attempt - 1)
-                logger.warning(f"download of {url} failed (attempt {attempt}/{attempts}): {e}; retrying in {wait}s")
-                time.sleep(wait)
-    raise RuntimeError(f"could not download {url} after {attempts} attempts: {last_error}")

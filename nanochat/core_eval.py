@@ -36,6 +36,7 @@ the model is causal, so padding never changes a score.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -49,7 +50,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import data_dir_setting, download_file, file_lock, get_base_dir, print0
+from nanochat.common import data_dir_setting, file_lock, get_base_dir, print0
+from nanochat.download import download_file
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -75,21 +77,27 @@ def _validate_zip(path: str) -> None:
             raise BundleError(f"{path}: member {bad} is corrupt (CRC mismatch)")
         if not any(name.endswith("core.yaml") for name in zf.namelist()):
             raise BundleError(f"{path}: the archive has no core.yaml, it is not a CORE eval bundle")
+        unpacked = sum(info.file_size for info in zf.infolist())
+        if unpacked > 4 << 30:  # the real bundle unpacks to ~100 MB
+            raise BundleError(f"{path}: the archive would unpack to {unpacked:,} bytes, not a CORE eval bundle")
 
 
 def download_eval_bundle(url: str, bundle_dir: str, attempts: int = 5) -> str:
     """Download and unzip the bundle into `bundle_dir` unless it is already there. One process
-    downloads under a file lock; the others wait, then find it. The zip is verified before it is
-    unpacked, and the unpacked folder is renamed into place only when complete."""
+    downloads under a file lock; the others wait, then find it. The zip (size cap 1 GB, the real
+    one is ~25 MB; deadline and Ctrl-C as for every download, see nanochat/download.py) is checked
+    member by member (CRCs) before it is unpacked, and the unpacked folder is renamed into place
+    only when complete; on any failure, Ctrl-C included, nothing is left behind."""
     with file_lock(bundle_dir.rstrip("/") + ".lock"):
         if os.path.exists(os.path.join(bundle_dir, "core.yaml")):
             return bundle_dir
         parent = os.path.dirname(os.path.abspath(bundle_dir))
         zip_path = os.path.join(parent, "eval_bundle.zip")
         print0(f"downloading the CORE eval bundle from {url}")
-        download_file(url, zip_path, attempts=attempts, validate=_validate_zip)
-        tmp = tempfile.mkdtemp(prefix=".eval_bundle_", dir=parent)
+        tmp = None
         try:
+            download_file(url, zip_path, attempts=attempts, validate=_validate_zip, max_bytes=1_000_000_000)
+            tmp = tempfile.mkdtemp(prefix=".eval_bundle_", dir=parent)
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(tmp)
             root = tmp  # the real zip wraps everything in one folder (eval_bundle/)
@@ -102,8 +110,10 @@ def download_eval_bundle(url: str, bundle_dir: str, attempts: int = 5) -> str:
                 shutil.rmtree(bundle_dir)
             os.replace(root, bundle_dir)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.remove(zip_path)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(zip_path)
     return bundle_dir
 
 

@@ -4,13 +4,17 @@ The pretraining data: FineWeb-Edu 100BT, shuffled and repackaged as 1,823 parque
 of 1,024 documents). This file downloads them and iterates over their row groups.
 
 Design choices:
-- Downloads go through `nanochat.common.download_file`: 1 MB chunks into a temp file, up to 5
-  attempts with exponential backoff, atomic rename. Each file is also opened as parquet before the
-  rename, so an HTML error page or a truncated body is never kept as a shard.
+- Downloads go through `nanochat.download.download_file`: 1 MB chunks into a temp file, up to 5
+  attempts with exponential backoff, atomic rename. A shard is kept only when every row group
+  decodes and it has a `text` column (and it matches the sha256 the Hub publishes), so an error
+  page, a short body or garbage in the middle of a file is never kept. Each file has a size cap
+  (1 GB; shards are ~100 MB) and a deadline, and Ctrl-C stops all workers at once and removes
+  their temp files.
 - $NANOCHAT_PRETRAIN_DIR points the loaders at another folder of shards (the CPU preset uses
   its bundled sample this way).
 - The base URL can be overridden with $NANOCHAT_DATASET_URL (tests serve shards from a local
-  http.server; a mirror works the same way). $NANOCHAT_DOWNLOAD_BACKOFF sets the first retry wait.
+  http.server; a mirror works the same way). $NANOCHAT_DOWNLOAD_BACKOFF (first retry wait),
+  $NANOCHAT_DOWNLOAD_MAX_MB and $NANOCHAT_DOWNLOAD_DEADLINE tune the retries and limits.
 - Splits: train = every shard but the last one present, val = the last one.
 - Ranks share the work by striding over row groups: with `start=rank, step=world_size` rank r
   reads row groups r, r+W, r+2W, ... counted across all shards of the split (not per shard), so
@@ -26,13 +30,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from nanochat.common import base_dir_path, data_dir_setting, download_file, get_base_dir
+from nanochat.common import base_dir_path, data_dir_setting, get_base_dir
+from nanochat.download import check_parquet, download_file
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard is shard_01822.parquet
+MAX_SHARD_BYTES = 1_000_000_000  # a shard is ~100 MB; anything past 1 GB is not a shard
 
 
 def shard_filename(index: int) -> str:
@@ -74,26 +81,17 @@ def get_base_url() -> str:
 # Download
 
 
-def _validate_parquet(path: str) -> None:
-    """Raise unless `path` is a readable parquet file with a `text` column."""
-    import pyarrow.parquet as pq
-    pf = pq.ParquetFile(path)  # reads the footer: fails on truncated files and error pages
-    if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
-
-
 def download_shard(index: int, data_dir: str | None = None, base_url: str | None = None,
-                   attempts: int = 5, backoff: float | None = None) -> str:
-    """Download one shard unless it is already there. Returns its path; raises RuntimeError."""
+                   attempts: int = 5, backoff: float | None = None, cancel=None) -> str:
+    """Download one shard unless it is already there. Returns its path; raises DownloadError (a
+    RuntimeError) with a one-line message. `cancel` (a threading.Event) stops it from another thread."""
     data_dir = data_dir or download_dir()
     path = os.path.join(data_dir, shard_filename(index))
     if os.path.exists(path):
         return path
-    if backoff is None:
-        backoff = float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", "1.0"))
     url = f"{base_url or get_base_url()}/{shard_filename(index)}"
-    return download_file(url, path, attempts=attempts, chunk_size=1 << 20, backoff=backoff,
-                         validate=_validate_parquet)
+    return download_file(url, path, attempts=attempts, backoff=backoff, max_bytes=MAX_SHARD_BYTES, cancel=cancel,
+                         validate=lambda tmp: check_parquet(tmp, "text", cancel))
 
 
 def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = None,
@@ -110,15 +108,23 @@ def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = No
     todo = [i for i in range(num_shards) if not os.path.exists(os.path.join(data_dir, shard_filename(i)))]
     print(f"{num_shards - len(todo)} of {num_shards} shards already in {data_dir}; downloading {len(todo)}")
     failed = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), unit="shard") as bar:
-        futures = {pool.submit(download_shard, i, data_dir, base_url, attempts, backoff): i for i in todo}
-        for future in as_completed(futures):
-            try:
-                future.result()
-            except Exception as e:  # download_file already retried; report and go on
-                failed.append(futures[future])
-                tqdm.write(f"FAILED {shard_filename(futures[future])}: {e}")
-            bar.update(1)
+    cancel = threading.Event()  # set on Ctrl-C: every worker stops and removes its temp file
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        with tqdm(total=len(todo), unit="shard") as bar:
+            futures = {pool.submit(download_shard, i, data_dir, base_url, attempts, backoff, cancel): i for i in todo}
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except Exception as e:  # download_file already retried; report and go on
+                    failed.append(futures[future])
+                    tqdm.write(f"FAILED {shard_filename(futures[future])}: {e}")
+                bar.update(1)
+    except BaseException:  # KeyboardInterrupt above all
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return sorted(failed)
 
 
@@ -188,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = download_shards(args.num_files, workers=args.num_workers)
     except ValueError as e:
         parser.error(str(e))
+    except KeyboardInterrupt:
+        print("interrupted: the shards in progress were discarded; run the same command again to resume",
+              file=sys.stderr)
+        return 130
     if failed:
         print(f"{len(failed)} shard(s) could not be downloaded: {[shard_filename(i) for i in failed]}; "
               f"run the same command again to retry them", file=sys.stderr)
@@ -197,4 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:  # Ctrl-C: the temp files are gone already, so skip the slow teardown of torch & co.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

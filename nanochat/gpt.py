@@ -9,7 +9,7 @@ The GPT model: a decoder-only, pre-norm Transformer, written as pure math.
     loss = model(idx, targets)                              # idx, targets: (B, T) int64
     logits = model(idx)                                     # (B, T, vocab_size), fp32
 
-Architecture (SPEC "Model"): token embedding `wte` (untied from `lm_head`) -> RMSNorm -> n_layer
+Architecture (the reference nanochat's): token embedding `wte` (untied from `lm_head`) -> RMSNorm -> n_layer
 blocks [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> `lm_head` -> 15·tanh(logits/15).
 - RMSNorm has no learnable weight, and no layer has a bias.
 - Rotary position embeddings (base 10,000) on q and k, then RMSNorm of q and k ("QK norm": keeps

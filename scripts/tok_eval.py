@@ -12,7 +12,7 @@ $TIKTOKEN_CACHE_DIR). Without network they cannot be loaded: the table then show
 alone, with a note. Loading runs in a background thread bounded by --reference_timeout, so a
 network that swallows packets cannot hang the script.
 
-Reference (SPEC): 65,536 tokens trained on 2B chars of FineWeb-Edu give ~4.8-4.9 bytes/token on
+Reference nanochat: 65,536 tokens trained on 2B chars of FineWeb-Edu give ~4.8-4.9 bytes/token on
 FineWeb-Edu, vs 4.6-4.7 for GPT-2 and ~4.8 for GPT-4.
 """
 

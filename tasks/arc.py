@@ -9,7 +9,8 @@ The labels are used exactly as the data gives them: mostly A-D, but some NY Rege
     from tasks.arc import ARC
     task = ARC("ARC-Easy", "test")      # 2,376 questions (ARC-Challenge test: 1,172)
     task.get_example(0)["messages"]
-Locally: NANOCHAT_DATA_DIR=../shared/data reads arc/<subset>/<split>.jsonl.
+Locally: NANOCHAT_DATA_DIR=dev/cpu_sample (or a folder laid out like it) reads
+arc/<subset>/<split>.jsonl.
 """
 
 from __future__ import annotations

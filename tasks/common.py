@@ -15,15 +15,15 @@ Design choices:
 - `TaskMixture` shuffles every (task, index) pair with a fixed seed: listing a task twice makes
   it seen twice per epoch (oversampling by repetition). `TaskSequence` concatenates in order.
 - Rows come from local files when a data directory is given (the `data_dir` argument or
-  $NANOCHAT_DATA_DIR, laid out like ../shared/data: `arc/ARC-Easy/test.jsonl`, `mmlu/test.jsonl`,
+  $NANOCHAT_DATA_DIR, laid out like dev/cpu_sample: `arc/ARC-Easy/test.jsonl`, `mmlu/test.jsonl`,
   `gsm8k/train.jsonl`, `humaneval/HumanEval.jsonl.gz`, `chat/*.messages.jsonl`). Otherwise the
   Hugging Face parquet export of the data set is downloaded once into `<base dir>/task_data/`:
   the Hub's listing `GET {HF}/api/datasets/{repo}/parquet/{config}/{split}` names the files, each
-  is fetched with `nanochat.common.download_file` (retries, atomic rename, parquet check) under a
-  file lock, and a `files.json` written last marks the split complete. $NANOCHAT_HF_URL replaces
-  https://huggingface.co (a mirror; the tests serve a local http.server), and
-  $NANOCHAT_DOWNLOAD_BACKOFF sets the first retry wait as for the pretraining shards. Only
-  requests + pyarrow.
+  is fetched with `nanochat.download.download_file` (retries, atomic rename, every row group
+  decoded before the file is kept, a size cap, a deadline, Ctrl-C-safe) under a file lock, and a
+  `files.json` written last marks the split complete. $NANOCHAT_HF_URL replaces
+  https://huggingface.co (a mirror; the tests serve a local http.server); the
+  $NANOCHAT_DOWNLOAD_* variables apply as for the pretraining shards.
 - A malformed row is a ValueError naming the file and the line (or parquet row).
 """
 
@@ -36,7 +36,8 @@ import os
 import random
 from collections.abc import Callable, Sequence
 
-from nanochat.common import data_dir_setting, download_file, file_lock, get_base_dir
+from nanochat.common import data_dir_setting, file_lock, get_base_dir
+from nanochat.download import check_parquet, download_file, fetch_bytes
 
 HF_URL = "https://huggingface.co"
 
@@ -220,24 +221,16 @@ def hf_base_url() -> str:
     return os.environ.get("NANOCHAT_HF_URL", HF_URL).rstrip("/")
 
 
-def _validate_parquet(path: str) -> None:
-    import pyarrow.parquet as pq
-    pq.ParquetFile(path)  # reads the footer: fails on truncated files and HTML error pages
-
-
 def download_hf_split(repo: str, config: str, split: str) -> list[str]:
     """Download the parquet files of one split of a Hugging Face data set (once) into
     <base dir>/task_data/<repo>/<config>/<split>/; return their paths."""
-    import requests
     directory = os.path.join(get_base_dir(), "task_data", repo.replace("/", "__"), config, split)
     manifest = os.path.join(directory, "files.json")
     with file_lock(os.path.join(directory, ".lock")):
         if not os.path.exists(manifest):
             listing_url = f"{hf_base_url()}/api/datasets/{repo}/parquet/{config}/{split}"
             try:
-                response = requests.get(listing_url, timeout=30)
-                response.raise_for_status()
-                urls = response.json()
+                urls = json.loads(fetch_bytes(listing_url, attempts=2))
             except Exception as e:
                 raise RuntimeError(f"could not list the parquet files of {repo} ({config}/{split}) at {listing_url}: {e}. "
                                    f"Without internet, point NANOCHAT_DATA_DIR at local copies of the data") from e
@@ -245,8 +238,7 @@ def download_hf_split(repo: str, config: str, split: str) -> list[str]:
                 raise RuntimeError(f"{listing_url} returned {str(urls)[:200]!r}, not a list of parquet URLs")
             names = [f"{i:04d}.parquet" for i in range(len(urls))]
             for url, name in zip(urls, names):
-                download_file(url, os.path.join(directory, name), validate=_validate_parquet,
-                              backoff=float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", "1.0")))
+                download_file(url, os.path.join(directory, name), validate=check_parquet)
             tmp = manifest + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"repo": repo, "config": config, "split": split, "files": names, "urls": urls}, f)

@@ -4,7 +4,7 @@ teach the model its name. Each line is one conversation, a JSON list of messages
 
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am nanochat..."}]
 
-(an object {"messages": [...]} per line is accepted too, the layout of ../shared/data/chat). An
+(an object {"messages": [...]} per line is accepted too, the layout of dev/cpu_sample/chat). An
 optional system message may come first; then roles alternate user/assistant and the last message
 is the assistant's. Every line is validated on load; a bad one is a ValueError naming file and line.
 

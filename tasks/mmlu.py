@@ -4,7 +4,7 @@ MMLU: 4-way multiple-choice questions over 57 subjects (Hugging Face `cais/mmlu`
 - `MMLU("all", "test")`: the 14,042 test questions (also "validation", "dev").
 - `MMLU("auxiliary_train", "train")`: ~100K multiple-choice training questions that midtraining
   mixes in to teach the format. Its Hugging Face config stores each row inside a `train` struct
-  column; that is unwrapped here. It is not part of ../shared/data: with a local data dir it
+  column; that is unwrapped here. It is not part of dev/cpu_sample: with a local data dir it
   must be provided as mmlu/auxiliary_train.jsonl, otherwise a FileNotFoundError says so (the
   mixture code then uses what is there, e.g. ARC train as a stand-in).
 

@@ -6,9 +6,9 @@ sometimes with a leading system message (the tokenizer merges it into the first 
 Locally (a data dir given by `data_dir=` or $NANOCHAT_DATA_DIR) SmolTalk itself is not available:
 the chat samples `<data dir>/chat/*.messages.jsonl` (same `messages` layout) stand in for it. All
 files are read in name order and split deterministically: every 20th conversation (index % 20 ==
-0) is "test", the rest "train", about SmolTalk's 5% test share. With ../shared/data that is 3,727
-conversations: 3,540 train / 187 test. (One of those files, HH-RLHF harmless-base, is red-teaming
-prompts with the preferred replies: fine for plumbing and CPU runs, not a quality SFT mix.)
+0) is "test", the rest "train", about SmolTalk's 5% test share. With dev/cpu_sample that is 1,027
+conversations: 975 train / 52 test, single-turn (Dolly/HH and self-instruct rows: fine for plumbing
+and CPU runs, not a quality SFT mix).
 
     from tasks.smoltalk import SmolTalk
     SmolTalk("train", stop=10_000)

@@ -1,33 +1,20 @@
 """
 Shared test fixtures. Tests are hermetic: every test gets its own temporary base dir (never
-~/.cache/nanochat), no network, wandb disabled. Real data comes from ../shared/data (override the
-location with NANOCHAT_SHARED_DATA; a fresh clone of a checkout that has it finds it there too).
+~/.cache/nanochat), no network, wandb disabled. Real data comes only from inside the repo: the CPU
+preset's sample (dev/cpu_sample/, which the tasks read through NANOCHAT_DATA_DIR) and the few files
+in tests/data/ that the sample lacks. Sources and licences are in the README.md of each folder.
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def find_shared_data() -> Path:
-    """$NANOCHAT_SHARED_DATA; else shared/data beside this checkout; else beside the local checkout
-    this one was cloned from (`git clone /work/main /tmp/fresh` still finds /work/shared/data)."""
-    if "NANOCHAT_SHARED_DATA" in os.environ:
-        return Path(os.environ["NANOCHAT_SHARED_DATA"])
-    candidates = [REPO_ROOT.parent / "shared" / "data"]
-    origin = subprocess.run(["git", "config", "--get", "remote.origin.url"], cwd=REPO_ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    if origin and Path(origin).is_dir():  # a local path, not a URL
-        candidates.append(Path(origin).resolve().parent / "shared" / "data")
-    return next((c for c in candidates if (c / "README.md").exists()), candidates[0])
-
-
-SHARED_DATA = find_shared_data()
+SAMPLE_DATA = REPO_ROOT / "dev" / "cpu_sample"
+TEST_DATA = REPO_ROOT / "tests" / "data"
+PRETRAIN_ROW_GROUP = 384  # rows per row group in the `pretrain_shards` fixture
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Tests run tiny models: on a couple of shared cores, OpenMP threads waiting on each other make them
@@ -48,11 +35,33 @@ def base_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data: the real small data sets the tests use."""
-    if not (SHARED_DATA / "README.md").exists():
-        pytest.fail(f"shared data not found at {SHARED_DATA}; set NANOCHAT_SHARED_DATA to its path")
-    return SHARED_DATA
+def sample_data() -> Path:
+    """dev/cpu_sample: small slices of the real data sets, in the layout the tasks read."""
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """The first 220 KB of Tiny Shakespeare (tests/data/tinyshakespeare_head.txt)."""
+    return (TEST_DATA / "tinyshakespeare_head.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory) -> Path:
+    """A folder of 3 pretraining shards (2 train + 1 val), re-packed from the sample's real documents
+    so that the loaders see several shards, several row groups each and a partial last row group:
+    shard_00000/1 hold 1,024 train documents each (row groups of 384: 384 + 384 + 256), shard_00002
+    holds the 512 val documents (row groups of 384: 384 + 128). Treat it as read-only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    read = lambda name: pq.read_table(SAMPLE_DATA / "pretrain" / name, columns=["text"]).column("text").to_pylist()
+    train, val = read("shard_00000.parquet"), read("shard_00001.parquet")
+    path = tmp_path_factory.mktemp("pretrain")
+    for i, docs in enumerate([train[:1024], train[1024:2048], val]):
+        pq.write_table(pa.table({"text": pa.array(docs, type=pa.string())}), path / f"shard_{i:05d}.parquet",
+                       row_group_size=PRETRAIN_ROW_GROUP, compression="zstd", compression_level=3,
+                       use_dictionary=False, write_statistics=False)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -62,12 +71,12 @@ TINY_TOKENIZER_VOCAB_SIZE = 512  # 256 bytes + 247 merges + 9 specials
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory, shared_data) -> Path:
+def tiny_tokenizer_dir(tmp_path_factory, shakespeare) -> Path:
     """A directory with tokenizer.pkl + token_bytes.pt: a 512-token RustBPETokenizer trained with
     rustbpe on the first 200 KB of Tiny Shakespeare (one document per blank-line paragraph).
     Treat it as read-only; copy it to write into it."""
     from nanochat.tokenizer import RustBPETokenizer
-    text = (shared_data / "pretrain" / "raw" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")[:200_000]
+    text = shakespeare[:200_000]
     tokenizer = RustBPETokenizer.train_from_iterator(text.split("\n\n"), TINY_TOKENIZER_VOCAB_SIZE)
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     tokenizer.save(str(path))
@@ -94,12 +103,13 @@ def base_dir_with_tokenizer(base_dir, tiny_tokenizer_dir) -> Path:
 # Files the tests set up the way a user's run would leave them
 
 
-def copy_pretrain_shards(shared_data: Path, base_dir: Path) -> Path:
-    """The shared pretraining shards (2 train + 1 val) copied into <base_dir>/base_data."""
+def copy_pretrain_shards(pretrain_shards: Path, base_dir: Path) -> Path:
+    """The test pretraining shards (2 train + 1 val, the `pretrain_shards` fixture) copied into
+    <base_dir>/base_data."""
     import shutil
     data_dir = base_dir / "base_data"
     data_dir.mkdir(exist_ok=True)
-    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
+    for src in sorted(pretrain_shards.glob("shard_*.parquet")):
         shutil.copy(src, data_dir / src.name)
     return data_dir
 

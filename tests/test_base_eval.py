@@ -1,8 +1,9 @@
 """
 End-to-end tests of scripts/base_eval.py, run as real subprocesses on the CPU: a tiny GPT checkpoint
-(depth 2, 64 wide, context 128, a small real BPE tokenizer) evaluated on the shared 5-task CORE
-sample. The script's numbers must match evaluate_core run in-process on the same checkpoint, its
-CSV and report section must hold them, and 2 gloo ranks must give the same per-task accuracies.
+(depth 2, 64 wide, context 128, a small real BPE tokenizer) evaluated on the 5-task CORE sample
+(dev/cpu_sample/core_sample). The script's numbers must match evaluate_core run in-process on the
+same checkpoint, its CSV and report section must hold them, and 2 gloo ranks must give the same
+per-task accuracies.
 """
 
 import csv
@@ -58,8 +59,8 @@ def parse_table(stdout):
 
 
 @pytest.mark.slow
-def test_base_eval_end_to_end(checkpoint, shared_data):
-    bundle = str(shared_data / "core_sample")
+def test_base_eval_end_to_end(checkpoint, sample_data):
+    bundle = str(sample_data / "core_sample")
     out = run_base_eval("--device_type=cpu", f"--max_per_task={MAX_PER_TASK}", f"--eval_bundle={bundle}",
                         "--device_batch_size=4")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -97,8 +98,8 @@ def test_base_eval_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_same_accuracies(checkpoint, shared_data):
-    bundle = str(shared_data / "core_sample")
+def test_two_ranks_same_accuracies(checkpoint, sample_data):
+    bundle = str(sample_data / "core_sample")
     args = ["--device_type=cpu", "--max_per_task=12", f"--eval_bundle={bundle}"]
     one, two = run_base_eval(*args), run_base_eval(*args, nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]

@@ -1,7 +1,7 @@
 """
 End-to-end tests of scripts/base_train.py and scripts/base_loss.py, run as real subprocesses
 (`python -m scripts.base_train ...`) on the CPU with a tiny model (depth 2, sequences of 64), the
-session's tiny tokenizer, and copies of the shared pretraining shards in the temporary base dir.
+session's tiny tokenizer, and copies of the test pretraining shards in the temporary base dir.
 """
 
 import json
@@ -21,9 +21,9 @@ TINY = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_si
 
 
 @pytest.fixture
-def pretrain_dir(base_dir_with_tokenizer, shared_data):
-    """The base dir with the tiny tokenizer and the shared shards (2 train + 1 val)."""
-    copy_pretrain_shards(shared_data, base_dir_with_tokenizer)
+def pretrain_dir(base_dir_with_tokenizer, pretrain_shards):
+    """The base dir with the tiny tokenizer and the test shards (2 train + 1 val)."""
+    copy_pretrain_shards(pretrain_shards, base_dir_with_tokenizer)
     return base_dir_with_tokenizer
 
 

@@ -2,7 +2,8 @@
 Tests for nanochat/core_eval.py: prompt rendering against hand-written strings, token spans and
 left-cropping, the scorer with an oracle model (accuracy 1.0) and a uniform one (chance, ties to the
 first choice), batch-size and 2-rank invariance, bundle validation errors, and the bundle download
-from a local HTTP server (good zip, corrupt zip, two concurrent downloaders).
+from a local HTTP server (good zip, corrupt zip, two concurrent downloaders; an endless body, a
+trickle, garbage in the middle, a dropped connection, Ctrl-C in a real subprocess).
 """
 
 import http.server
@@ -19,10 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import REPO_ROOT
+from misbehaving_server import MisbehavingServer, interrupt_mid_download
 from nanochat import core_eval
 from nanochat.core_eval import (BundleError, crop_left, evaluate_core, evaluate_task, load_bundle, load_task_data,
                                 prepare_item, render_prompts_lm, render_prompts_mc, render_prompts_schema,
                                 tokenize_example)
+from nanochat.download import DownloadError
 
 
 @pytest.fixture(autouse=True)
@@ -125,10 +129,10 @@ def task_meta(task_type, num_fewshot=0, delimiter=" "):
     return {"task_type": task_type, "num_fewshot": num_fewshot, "continuation_delimiter": delimiter}
 
 
-def sample_tasks(shared_data, max_per_task):
+def sample_tasks(sample_data, max_per_task):
     """(task, data) for each task of core_sample, shuffled and capped as evaluate_core does."""
     out = []
-    for task in load_bundle(str(shared_data / "core_sample")):
+    for task in load_bundle(str(sample_data / "core_sample")):
         data = load_task_data(task["dataset_path"], task["task_type"])
         random.Random(1337).shuffle(data)
         out.append((task, data[:max_per_task]))
@@ -234,12 +238,12 @@ def test_crop_left_shifts_spans():
 # Scoring
 
 
-def test_oracle_scores_one_on_core_sample(shared_data):
+def test_oracle_scores_one_on_core_sample(sample_data):
     tok = small_bpe()
     assert len(tok.encode("Question: the water")) < len("Question: the water")  # merges happen
-    tasks = sample_tasks(shared_data, max_per_task=24)
+    tasks = sample_tasks(sample_data, max_per_task=24)
     model = OracleModel(gold_rows(tasks, tok), tok.get_vocab_size())
-    out = evaluate_core(model, tok, "cpu", max_per_task=24, bundle_dir=str(shared_data / "core_sample"))
+    out = evaluate_core(model, tok, "cpu", max_per_task=24, bundle_dir=str(sample_data / "core_sample"))
     assert set(out["results"]) == {"arc_easy", "copa", "lambada_openai", "winograd", "bigbench_operators"}
     assert all(acc == 1.0 for acc in out["results"].values()), out["results"]
     assert all(c == pytest.approx(1.0) for c in out["centered_results"].values())
@@ -247,20 +251,20 @@ def test_oracle_scores_one_on_core_sample(shared_data):
     assert out["num_examples"] == {label: 24 for label in out["results"]}
 
 
-def test_oracle_with_cropping(shared_data):
+def test_oracle_with_cropping(sample_data):
     """A short context window: rows lose tokens on the left and the spans move with them."""
     tok = ByteTokenizer()
-    tasks = [(t, d) for t, d in sample_tasks(shared_data, max_per_task=8) if t["label"] in ("arc_easy", "lambada_openai")]
+    tasks = [(t, d) for t, d in sample_tasks(sample_data, max_per_task=8) if t["label"] in ("arc_easy", "lambada_openai")]
     model = OracleModel(gold_rows(tasks, tok, sequence_len=64), 257, sequence_len=64)
     for task, data in tasks:
         assert max(len(prepare_item(i, data, tok, task, None)[0][0]) for i in range(len(data))) > 64
         assert evaluate_task(model, tok, data, "cpu", task) == 1.0
 
 
-def test_uniform_model_is_chance_with_ties_to_first(shared_data):
+def test_uniform_model_is_chance_with_ties_to_first(sample_data):
     tok = ByteTokenizer()
-    out = evaluate_core(UniformModel(257), tok, "cpu", max_per_task=40, bundle_dir=str(shared_data / "core_sample"))
-    for task, data in sample_tasks(shared_data, max_per_task=40):
+    out = evaluate_core(UniformModel(257), tok, "cpu", max_per_task=40, bundle_dir=str(sample_data / "core_sample"))
+    for task, data in sample_tasks(sample_data, max_per_task=40):
         label = task["label"]
         if task["task_type"] == "language_modeling":
             assert out["results"][label] == 0.0  # argmax of equal logits is token 0, never in the text
@@ -272,10 +276,10 @@ def test_uniform_model_is_chance_with_ties_to_first(shared_data):
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 5)
 
 
-def test_same_accuracies_whatever_the_batch_size(shared_data):
+def test_same_accuracies_whatever_the_batch_size(sample_data):
     tok = small_bpe()
     model = CausalMeanModel(tok.get_vocab_size(), sequence_len=128)
-    results = [evaluate_core(model, tok, "cpu", max_per_task=16, bundle_dir=str(shared_data / "core_sample"),
+    results = [evaluate_core(model, tok, "cpu", max_per_task=16, bundle_dir=str(sample_data / "core_sample"),
                              batch_size=bs)["results"] for bs in (1, 5, 64)]
     assert results[0] == results[1] == results[2]
     assert 0 < sum(results[0].values()) < 5  # a random model: neither all right nor all wrong
@@ -317,9 +321,9 @@ def test_two_ranks_cover_every_item_once(tmp_path):
 
 
 @pytest.fixture
-def bundle(tmp_path, shared_data):
+def bundle(tmp_path, sample_data):
     path = tmp_path / "bundle"
-    shutil.copytree(shared_data / "core_sample", path)
+    shutil.copytree(sample_data / "core_sample", path)
     return path
 
 
@@ -422,9 +426,9 @@ def _zip_of(folder, tmp_path) -> bytes:
     return path.read_bytes()
 
 
-def test_download_bundle_once_with_two_downloaders(shared_data, tmp_path, base_dir, monkeypatch):
+def test_download_bundle_once_with_two_downloaders(sample_data, tmp_path, base_dir, monkeypatch):
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
-    server = _Server(_zip_of(shared_data / "core_sample", tmp_path))
+    server = _Server(_zip_of(sample_data / "core_sample", tmp_path))
     try:
         got = []
         threads = [threading.Thread(target=lambda: got.append(core_eval.get_eval_bundle_dir(url=server.url)))
@@ -441,9 +445,9 @@ def test_download_bundle_once_with_two_downloaders(shared_data, tmp_path, base_d
     assert sorted(os.listdir(base_dir)) == ["eval_bundle", "eval_bundle.lock"]
 
 
-def test_corrupt_zip_is_discarded(shared_data, tmp_path, base_dir, monkeypatch):
+def test_corrupt_zip_is_discarded(sample_data, tmp_path, base_dir, monkeypatch):
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
-    good = _zip_of(shared_data / "core_sample", tmp_path)
+    good = _zip_of(sample_data / "core_sample", tmp_path)
     for payload in (good[: len(good) // 2], b"<html>not a zip</html>",
                     good.replace(b"icl_tasks", b"icl_taskz")):  # the last one: a CRC mismatch
         server = _Server(payload)
@@ -453,3 +457,54 @@ def test_corrupt_zip_is_discarded(shared_data, tmp_path, base_dir, monkeypatch):
         finally:
             server.close()
         assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]  # no bundle, zip or temp folder left
+
+
+@pytest.fixture
+def bad_server(sample_data, tmp_path, monkeypatch):
+    """The sample bundle as eval_bundle.zip on the misbehaving server (tests/misbehaving_server.py)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "eval_bundle.zip").write_bytes(_zip_of(sample_data / "core_sample", tmp_path))
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0.01")
+    with MisbehavingServer(root, trickle_s=0.5) as server:
+        server.zip_url = f"{server.url}/eval_bundle.zip"
+        yield server
+
+
+def test_bundle_download_has_a_size_cap_and_a_deadline_and_keeps_no_damage(bad_server, base_dir, monkeypatch):
+    bundle_dir = str(base_dir / "eval_bundle")
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_MAX_MB", "2")
+    bad_server.plan = {"eval_bundle.zip": ["endless"]}
+    with pytest.raises(DownloadError, match=r"^eval_bundle.zip: .* sends more than the 2 MB cap for one file"):
+        core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir)
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]
+    monkeypatch.delenv("NANOCHAT_DOWNLOAD_MAX_MB")
+
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_DEADLINE", "1")
+    bad_server.plan = {"eval_bundle.zip": ["trickle"]}
+    with pytest.raises(DownloadError, match=r"^eval_bundle.zip: .* did not finish within its deadline of 1 s"):
+        core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir)
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]
+    monkeypatch.delenv("NANOCHAT_DOWNLOAD_DEADLINE")
+
+    # garbage in the middle (the zip directory at the end intact: caught by the CRCs), a dropped
+    # connection: both retried, then the good zip is unpacked
+    bad_server.plan = {"eval_bundle.zip": ["corrupt_middle", "truncate"]}
+    assert core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir) == bundle_dir
+    assert len(load_bundle(bundle_dir)) == 5 and bad_server.requests == ["eval_bundle.zip"] * 5
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle", "eval_bundle.lock"]
+
+
+def test_ctrl_c_during_the_bundle_download_leaves_nothing(bad_server, base_dir):
+    bad_server.trickle_s = 30
+    bad_server.plan = {"eval_bundle.zip": ["trickle"]}
+    code = ("from nanochat.core_eval import download_eval_bundle\n"
+            f"download_eval_bundle({bad_server.zip_url!r}, {str(base_dir / 'eval_bundle')!r})")
+    temp_files = lambda: [f for f in os.listdir(base_dir) if f != "eval_bundle.lock"]
+    # timed until the temp file is gone: the exit after it unloads torch, slow on a busy machine
+    stopped, status, stderr = interrupt_mid_download(["-c", code], REPO_ROOT, started=temp_files,
+                                                     stopped=lambda: not temp_files())
+    assert stopped < 1, stopped
+    assert status != 0 and "KeyboardInterrupt" in stderr
+    assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]

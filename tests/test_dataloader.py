@@ -3,7 +3,7 @@ Tests for nanochat/dataloader.py: batches are consecutive windows of the BOS-sep
 a loader resumed from any yielded state continues with exactly the next token (across chunk,
 row-group, shard and epoch boundaries), and ranks see disjoint data that covers everything.
 
-The data are real documents from the shared pretraining shards, re-packed into small shards (short
+The data are real documents from the CPU sample's pretraining shard, re-packed into small shards (short
 documents, 8 per row group) so that a whole epoch takes a fraction of a second.
 """
 
@@ -33,9 +33,9 @@ def split_docs(tokenizer, tokens):
 
 
 @pytest.fixture
-def small_shards(shared_data, base_dir_with_tokenizer):
+def small_shards(sample_data, base_dir_with_tokenizer):
     """3 shards (2 train + val) of short real documents, 8 docs per row group, uneven sizes."""
-    texts = pq.read_table(shared_data / "pretrain" / "shard_00000.parquet").column("text").to_pylist()
+    texts = pq.read_table(sample_data / "pretrain" / "shard_00000.parquet").column("text").to_pylist()
     docs = [t[:150 + 37 * (i % 11)] for i, t in enumerate(texts[:120])]
     data_dir = base_dir_with_tokenizer / "base_data"
     data_dir.mkdir()

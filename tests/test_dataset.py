@@ -1,81 +1,32 @@
 """
 Tests for nanochat/dataset.py against a real HTTP server on 127.0.0.1 that serves copies of the
-shared pretraining shards, and can misbehave on purpose: HTTP 500, a body cut short of its
-Content-Length, or garbage bytes that are not parquet.
+test pretraining shards, and can misbehave on purpose (tests/misbehaving_server.py): HTTP 500, a
+body cut short of its Content-Length, garbage bytes that are not parquet, garbage in the middle of
+a shard whose footer is intact, an endless body, a trickle; and Ctrl-C sent to the real CLI in the
+middle of its downloads.
 """
 
 import os
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, copy_pretrain_shards
+from misbehaving_server import MisbehavingServer, interrupt_mid_download
 from nanochat import dataset
 
 
-class ShardServer:
-    """Serves files of `root`. `plan[name]` is a list of behaviours, one consumed per request
-    ('ok', '500', 'truncate', 'garbage'); when the list is empty, requests are served normally."""
-
-    def __init__(self, root):
-        self.root = root
-        self.plan = {}
-        self.requests = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                name = self.path.lstrip("/")
-                with server.lock:
-                    server.requests.append(name)
-                    todo = server.plan.get(name)
-                    behaviour = todo.pop(0) if todo else "ok"
-                path = os.path.join(server.root, name)
-                if behaviour == "500" or not os.path.exists(path):
-                    self.send_error(500 if behaviour == "500" else 404)
-                    return
-                body = open(path, "rb").read()
-                if behaviour == "garbage":
-                    body = b"<html>not a parquet file</html>" * 100
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if behaviour == "truncate":
-                    self.wfile.write(body[: len(body) // 3])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def server(tmp_path, shared_data, monkeypatch):
+def server(tmp_path, pretrain_shards, monkeypatch):
     root = tmp_path / "served"
     root.mkdir()
-    for src in sorted((shared_data / "pretrain").glob("shard_*.parquet")):
+    for src in sorted(pretrain_shards.glob("shard_*.parquet")):
         shutil.copy(src, root / src.name)
-    with ShardServer(str(root)) as s:
+    with MisbehavingServer(root) as s:
         monkeypatch.setenv("NANOCHAT_DATASET_URL", s.url)
         monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0.01")
         yield s
@@ -110,19 +61,19 @@ def test_existing_files_are_skipped(server, base_dir):
 def test_flaky_server_retries_and_keeps_nothing_bad(server, base_dir):
     server.plan = {"shard_00000.parquet": ["500", "500"],
                    "shard_00001.parquet": ["truncate"],
-                   "shard_00002.parquet": ["garbage", "truncate"]}
+                   "shard_00002.parquet": ["garbage", "corrupt_middle", "truncate"]}
     assert dataset.download_shards(3, workers=3) == []
     data_dir = base_dir / "base_data"
     assert _leftovers(data_dir) == []
     assert server.requests.count("shard_00000.parquet") == 3
     assert server.requests.count("shard_00001.parquet") == 2
-    assert server.requests.count("shard_00002.parquet") == 3
+    assert server.requests.count("shard_00002.parquet") == 4
     for i in range(3):
         name = dataset.shard_filename(i)
         assert (data_dir / name).read_bytes() == open(os.path.join(server.root, name), "rb").read()
 
 
-@pytest.mark.parametrize("behaviour", ["500", "garbage", "truncate"])
+@pytest.mark.parametrize("behaviour", ["500", "garbage", "truncate", "corrupt_middle"])
 def test_permanent_failure_leaves_no_file(server, base_dir, behaviour):
     server.plan = {"shard_00001.parquet": [behaviour] * 6}
     assert dataset.download_shards(3, workers=2, attempts=5) == [1]
@@ -150,8 +101,37 @@ def test_cli_downloads_and_reports_failures(server, base_dir):
         dataset.download_shards(5000)  # more shards than exist (the CLI turns it into a usage error)
 
 
-def test_splits_and_rank_striding(shared_data, base_dir):
-    data_dir = copy_pretrain_shards(shared_data, base_dir)
+def test_endless_and_trickling_shards_fail_with_one_clear_line(server, base_dir, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_MAX_MB", "5")  # shards here are < 1 MB
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_DEADLINE", "1.5")
+    server.plan = {"shard_00000.parquet": ["endless"], "shard_00001.parquet": ["trickle"]}
+    t0 = time.monotonic()
+    assert dataset.download_shards(3, workers=3) == [0, 1]
+    assert time.monotonic() - t0 < 10
+    assert sorted(os.listdir(base_dir / "base_data")) == ["shard_00002.parquet"]
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("FAILED shard_00000.parquet: shard_00000.parquet: ") and "more than the 5 MB cap" in line
+               for line in lines)
+    assert any(line.startswith("FAILED shard_00001.parquet: ") and "deadline of 1.5 s" in line for line in lines)
+    assert server.requests.count("shard_00000.parquet") == 1  # neither is retried
+    assert server.requests.count("shard_00001.parquet") == 1
+
+
+def test_ctrl_c_stops_the_cli_within_a_second_and_keeps_no_partial_file(server, base_dir):
+    server.trickle_s = 30  # every worker blocks in a read until its socket is shut down
+    server.plan = {dataset.shard_filename(i): ["trickle"] for i in range(3)}
+    data_dir = base_dir / "base_data"
+    elapsed, status, stderr = interrupt_mid_download(
+        ["-m", "nanochat.dataset", "-n", "3", "-w", "3"], REPO_ROOT,
+        started=lambda: data_dir.is_dir() and len(_leftovers(data_dir)) == 3)
+    assert status == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert elapsed < 1, elapsed
+    assert os.listdir(data_dir) == []
+
+
+def test_splits_and_rank_striding(pretrain_shards, base_dir):
+    data_dir = copy_pretrain_shards(pretrain_shards, base_dir)
     (data_dir / "shard_00003.parquet.tmp123").write_bytes(b"partial")  # ignored
     files = dataset.list_parquet_files()
     assert [os.path.basename(f) for f in files] == [f"shard_0000{i}.parquet" for i in range(3)]
@@ -160,7 +140,7 @@ def test_splits_and_rank_striding(shared_data, base_dir):
     val = list(dataset.parquets_iter_batched("val"))
     pf = pq.ParquetFile(files[-1])
     assert val == [pf.read_row_group(i).column("text").to_pylist() for i in range(pf.num_row_groups)]
-    assert [len(t) for t in val] == [1024, 246]
+    assert [len(t) for t in val] == [384, 128]
     train = list(dataset.iter_row_groups("train"))
     assert [(s, r) for s, r, _ in train] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
 
@@ -174,22 +154,19 @@ def test_splits_and_rank_striding(shared_data, base_dir):
     assert [(s, r) for s, r, _ in dataset.iter_row_groups("train", 1, 2, resume_from=(1, 0))] == [(1, 0), (1, 2)]
 
 
-def test_missing_shards_error_names_the_command(shared_data, base_dir):
+def test_missing_shards_error_names_the_command(pretrain_shards, base_dir):
     with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset"):
         next(dataset.parquets_iter_batched("train"))
     (base_dir / "base_data").mkdir()
-    shutil.copy(shared_data / "pretrain" / "shard_00000.parquet", base_dir / "base_data")
+    shutil.copy(pretrain_shards / "shard_00000.parquet", base_dir / "base_data")
     with pytest.raises(FileNotFoundError, match="-n 2"):
         next(dataset.parquets_iter_batched("val"))
 
 
-def test_pretrain_dir_override_points_the_loaders_elsewhere(tmp_path, monkeypatch, shared_data):
-    sample = tmp_path / "sample"
-    sample.mkdir()
-    for name in ("shard_00000.parquet", "shard_00001.parquet"):
-        shutil.copy(shared_data / "pretrain" / name, sample / name)
+def test_pretrain_dir_override_points_the_loaders_elsewhere(monkeypatch, sample_data):
+    sample = sample_data / "pretrain"  # the CPU preset's 2 shards, read in place
     monkeypatch.setenv("NANOCHAT_PRETRAIN_DIR", str(sample))
     assert dataset.get_data_dir() == str(sample)
     assert [os.path.basename(f) for f in dataset.split_files("train")] == ["shard_00000.parquet"]
     assert [os.path.basename(f) for f in dataset.split_files("val")] == ["shard_00001.parquet"]
-    assert sum(len(texts) for texts in dataset.parquets_iter_batched("val")) == 3072
+    assert sum(len(texts) for texts in dataset.parquets_iter_batched("val")) == 512

@@ -149,12 +149,12 @@ def test_humaneval_style_program_passes_and_fails():
 
 
 @pytest.mark.slow
-def test_all_humaneval_canonical_solutions_pass_and_corrupted_ones_fail(shared_data):
+def test_all_humaneval_canonical_solutions_pass_and_corrupted_ones_fail(sample_data):
     """All 164 problems through HumanEval.evaluate: the canonical body passes, the whole function
     in a ``` fence passes, and the body replaced by `return None` fails. Two at a time (2 cores)."""
     from concurrent.futures import ThreadPoolExecutor
     from tasks.humaneval import HumanEval
-    task = HumanEval(data_dir=str(shared_data))
+    task = HumanEval(data_dir=str(sample_data))
     examples = [task[i] for i in range(len(task))]
     assert len(examples) == 164
     with ThreadPoolExecutor(max_workers=2) as pool:

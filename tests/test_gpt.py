@@ -1,9 +1,9 @@
 """
 Tests for nanochat/gpt.py, on tiny models (2 layers, 64 wide) on the CPU.
 
-- Sizes: the SPEC's parameter counts (d20, d32 at vocab 65,536), computed on the meta device
+- Sizes: the reference nanochat's parameter counts (d20, d32 at vocab 65,536), computed on the meta device
   without allocating; GPTConfig.from_depth; estimate_flops against its formula.
-- init_weights sets every parameter and buffer (after filling them with NaN), with the SPEC's
+- init_weights sets every parameter and buffer (after filling them with NaN), with the reference's
   statistics; rotary tables are not saved in the state dict but recomputed.
 - Forward: logits bounded by the soft cap and computed in fp32; the loss honours ignore_index=-1
   for every reduction; causality; GQA equals full attention with repeated key/value heads.

@@ -14,11 +14,6 @@ MULTILINGUAL = (
 ) * 3
 
 
-@pytest.fixture(scope="module")
-def shakespeare(shared_data) -> str:
-    return (shared_data / "pretrain" / "raw" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")
-
-
 def train_rust(texts, vocab_size, **kwargs) -> rustbpe.Tokenizer:
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(iter(texts), vocab_size, **kwargs)

@@ -1,9 +1,10 @@
 """
-Tests for tasks/: every task loads the real shared data (../shared/data) with the right counts and
+Tests for tasks/: every task loads the real data of the CPU sample (dev/cpu_sample, evenly spaced
+rows of each data set; its README gives the counts) with the exact row counts and first/last rows, and
 renders conversations with the right roles, format and masks; GSM8K's tool parts round-trip
 through render_conversation; mixtures are deterministic and oversample by repetition; malformed
 rows name their file and line; the Hugging Face download path works against a local http.server
-that serves parquet files written from the shared data in the Hub's column layout.
+that serves parquet files written from the sample in the Hub's column layout.
 """
 
 import gzip
@@ -27,10 +28,10 @@ from tasks.smoltalk import SmolTalk
 
 
 @pytest.fixture(autouse=True)
-def local_data(shared_data, monkeypatch):
-    """Tasks read ../shared/data unless a test unsets NANOCHAT_DATA_DIR."""
-    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(shared_data))
-    return shared_data
+def local_data(sample_data, monkeypatch):
+    """Tasks read dev/cpu_sample unless a test unsets NANOCHAT_DATA_DIR."""
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(sample_data))
+    return sample_data
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +106,10 @@ def test_render_mc_format():
 
 def test_arc_counts_and_format():
     easy, challenge = ARC("ARC-Easy", "test"), ARC("ARC-Challenge", "test")
-    assert len(easy) == 2376 and len(challenge) == 1172
-    assert len(ARC("ARC-Easy", "train")) == 2251 and len(ARC("ARC-Challenge", "validation")) == 299
+    assert len(easy) == 400 and len(challenge) == 300
+    assert len(ARC("ARC-Easy", "train")) == 400 and len(ARC("ARC-Challenge", "train")) == 300
+    assert easy[399]["messages"][0]["content"].startswith("Historically, how has the compass been used?\n- for navigation=A\n")
+    assert challenge[299]["messages"][0]["content"].startswith("Which of these is a response of cats to external stimuli?")
     assert easy.eval_type == "categorical"
     ex = easy.get_example(0)
     user, assistant = ex["messages"]
@@ -129,7 +132,7 @@ def test_arc_counts_and_format():
 
 def test_mmlu_counts_and_format():
     test = MMLU("all", "test")
-    assert len(test) == 14042 and len(MMLU("all", "validation")) == 1531 and len(MMLU("all", "dev")) == 285
+    assert len(test) == 570 and len(MMLU("all", "validation")) == 300 and len(MMLU("all", "dev")) == 285
     ex = test[0]
     assert ex["letters"] == ["A", "B", "C", "D"] and ex["subject"] == "abstract_algebra"
     assert ex["messages"][0]["content"] == render_mc(
@@ -138,6 +141,10 @@ def test_mmlu_counts_and_format():
     assert ex["messages"][1]["content"] == "B" and test.evaluate(ex, "B") == 1 and test.evaluate(ex, "C") == 0
     answers = {test[i]["messages"][1]["content"] for i in range(0, len(test), 50)}
     assert answers == {"A", "B", "C", "D"}
+    last = test[569]
+    assert last["subject"] == "world_religions" and last["messages"][1]["content"] == "C"
+    assert last["messages"][0]["content"].startswith("Who was the first significant anchorite hermit?\n- Pachomius=A\n")
+    assert len({test[i]["subject"] for i in range(len(test))}) == 57  # the sample spans every subject
 
 
 def test_mmlu_auxiliary_train_missing_locally_is_a_clear_error(local_data):
@@ -149,7 +156,8 @@ def test_mmlu_auxiliary_train_missing_locally_is_a_clear_error(local_data):
 
 def test_gsm8k_counts_tool_parts_and_answers():
     train, test = GSM8K("train"), GSM8K("test")
-    assert len(train) == 7473 and len(test) == 1319
+    assert len(train) == 600 and len(test) == 200
+    assert test[199]["messages"][0]["content"].startswith("Tom's restaurant gets 6 reservations a night.")
     ex = train[0]
     assert ex["messages"][0]["content"].startswith("Natalia sold clips to 48 of her friends")
     assert ex["messages"][1]["content"] == [
@@ -203,15 +211,16 @@ def test_extract_program():
     assert extract_program("```py\nz = 3") == "z = 3"  # unclosed fence: to the end
 
 
-def test_smoltalk_local_stand_in():
+def test_smoltalk_local_stand_in(local_data):
     train, test = SmolTalk("train"), SmolTalk("test")
-    assert len(train) + len(test) == 1000 + 2300 + 175 + 252
-    assert len(test) == 187 and len(train) == 3540
+    assert len(train) + len(test) == 600 + 175 + 252  # dolly_hhrlhf, seed tasks, user-oriented
+    assert len(test) == 52 and len(train) == 975  # every 20th conversation is test
+    assert test[0] == {"messages": _jsonl(local_data / "chat/dolly_hhrlhf_small.messages.jsonl")[0]["messages"]}
+    assert train[974] == {"messages": _jsonl(local_data / "chat/self_instruct_user_oriented.messages.jsonl")[-1]["messages"]}
     for task in (train, test):
         for i in range(0, len(task), 7):
             messages = task[i]["messages"]
             assert messages[0]["role"] == "user" and messages[-1]["role"] == "assistant"
-    assert any(len(train[i]["messages"]) > 2 for i in range(len(train)))  # multi-turn present
 
 
 def test_customjson(tmp_path):
@@ -365,7 +374,7 @@ def _jsonl(path):
 
 @pytest.fixture
 def hub(tmp_path, local_data, monkeypatch):
-    """Parquet files in the Hub's column layout, written from the shared data; GSM8K test is split
+    """Parquet files in the Hub's column layout, written from the sample; GSM8K test is split
     over two files like a sharded export; MMLU auxiliary_train rows are wrapped in a `train` struct."""
     root = tmp_path / "hub"
     root.mkdir()
@@ -377,7 +386,7 @@ def hub(tmp_path, local_data, monkeypatch):
     gsm = _jsonl(local_data / "gsm8k" / "test.jsonl")
     chats = [{"messages": r["messages"]} for r in _jsonl(local_data / "chat" / "self_instruct_seed_tasks.messages.jsonl")]
     splits = {
-        ("openai/gsm8k", "main", "test"): [write("gsm_0.parquet", gsm[:700]), write("gsm_1.parquet", gsm[700:])],
+        ("openai/gsm8k", "main", "test"): [write("gsm_0.parquet", gsm[:120]), write("gsm_1.parquet", gsm[120:])],
         ("openai/gsm8k", "main", "train"): [write("gsm_2.parquet", gsm[:5]),  # row 3 of the second file is bad
                                             write("gsm_3.parquet", gsm[5:8] + [{"question": "q", "answer": "none"}])],
         ("allenai/ai2_arc", "ARC-Challenge", "test"): [write("arc.parquet", _jsonl(local_data / "arc/ARC-Challenge/test.jsonl"))],
@@ -395,15 +404,15 @@ def hub(tmp_path, local_data, monkeypatch):
 def test_hf_download_matches_local_and_is_cached(hub, local_data, base_dir):
     remote = GSM8K("test")
     local = GSM8K("test", data_dir=str(local_data))
-    assert len(remote) == 1319
-    assert all(remote[i] == local[i] for i in range(0, 1319, 10))
+    assert len(remote) == 200
+    assert all(remote[i] == local[i] for i in range(200))
     cache = base_dir / "task_data" / "openai__gsm8k" / "main" / "test"
     assert sorted(os.listdir(cache)) == [".lock", "0000.parquet", "0001.parquet", "files.json"]
     n_requests = len(hub.requests)
-    assert len(GSM8K("test")) == 1319 and len(hub.requests) == n_requests  # second load: no network
+    assert len(GSM8K("test")) == 200 and len(hub.requests) == n_requests  # second load: no network
 
     arc = ARC("ARC-Challenge", "test")
-    assert len(arc) == 1172 and arc[7] == ARC("ARC-Challenge", "test", data_dir=str(local_data))[7]
+    assert len(arc) == 300 and arc[7] == ARC("ARC-Challenge", "test", data_dir=str(local_data))[7]
     aux = MMLU("auxiliary_train", "train")  # rows unwrapped from the `train` struct
     assert len(aux) == 285 and aux[0] == MMLU("all", "dev", data_dir=str(local_data))[0]
     he = HumanEval(stop=3)
@@ -421,7 +430,7 @@ def test_hf_download_errors_are_clear(hub, base_dir, monkeypatch):
 def test_hf_download_retries_a_failing_file(hub, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0.01")
     hub.fail_files = 2
-    assert len(ARC("ARC-Challenge", "test")) == 1172
+    assert len(ARC("ARC-Challenge", "test")) == 300
     assert sum(r.startswith("/files/arc") for r in hub.requests) == 3
 
 

@@ -1,6 +1,6 @@
 """
 End-to-end tests of scripts/tok_train.py and scripts/tok_eval.py, run as real subprocesses on a
-temporary base dir holding copies of the shared pretraining shards (2 train + 1 val). tok_eval runs
+temporary base dir holding copies of the test pretraining shards (2 train + 1 val). tok_eval runs
 offline: GPT-2/GPT-4 cannot be downloaded, so it must say so and still print the table, also when
 the network hangs instead of failing (a local proxy that accepts connections and never answers).
 """
@@ -22,8 +22,8 @@ from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 
 @pytest.fixture
-def data_dir(base_dir, shared_data):
-    return copy_pretrain_shards(shared_data, base_dir)
+def data_dir(base_dir, pretrain_shards):
+    return copy_pretrain_shards(pretrain_shards, base_dir)
 
 
 def run(module, *args, env_extra=None, timeout=120):

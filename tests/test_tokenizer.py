@@ -30,11 +30,6 @@ EDGE_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shakespeare(shared_data) -> str:
-    return (shared_data / "pretrain" / "raw" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")
-
-
 def byte_ranks(*merged: bytes) -> dict[bytes, int]:
     """The 256 single bytes, then the given tokens as ids 256, 257, ..."""
     ranks = {bytes([i]): i for i in range(256)}
@@ -88,7 +83,7 @@ def test_round_trip(tiny_tokenizer, text):
 
 
 def test_tiny_tokenizer_learned_merges(tiny_tokenizer, shakespeare):
-    text = shakespeare[300_000:310_000]  # beyond the 200 KB it was trained on
+    text = shakespeare[205_000:215_000]  # beyond the 200 KB it was trained on
     assert tiny_tokenizer.get_vocab_size() == 512
     assert len(text.encode()) / len(tiny_tokenizer.encode(text)) > 1.7  # bytes/token (~1.9); 1.0 without merges
 

@@ -63,8 +63,8 @@ def clean_env(home):
 
 
 @pytest.mark.slow
-def test_base_train_logs_a_real_offline_run_without_an_account(base_dir_with_tokenizer, shared_data, tmp_path):
-    copy_pretrain_shards(shared_data, base_dir_with_tokenizer)
+def test_base_train_logs_a_real_offline_run_without_an_account(base_dir_with_tokenizer, pretrain_shards, tmp_path):
+    copy_pretrain_shards(pretrain_shards, base_dir_with_tokenizer)
     cmd = [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
            "--device_batch_size=4", "--total_batch_size=256", "--eval_tokens=512", "--eval_every=2",
            "--core_metric_every=-1", "--sample_every=-1", "--num_iterations=3", "--run=stranger"]
