@@ -1,0 +1,389 @@
+"""
+The sandbox's supervisor: one short-lived process per program, started by nanochat/execution.py as
+`python -I -S nanochat/sandbox.py` (isolated interpreter, no site-packages, empty environment).
+Only the standard library is imported, so it starts in a few tens of milliseconds.
+
+Protocol: stdin carries `<n>\\n` + n bytes of the job (a dict literal), then, in "check" mode, the
+checker's private dict literal (`setup` and `test`) up to EOF. The supervisor never reads the private part:
+the checker process reads it after the fork, so the candidate (forked later from the supervisor)
+has no copy of the tests in its memory. The result is one dict literal on stdout.
+
+Processes (all children of the supervisor, which is a subreaper: PR_SET_CHILD_SUBREAPER makes any
+orphaned descendant, a `setsid()` escapee included, its child, so none is left behind):
+- the checker (check mode only, forked first, keeps the supervisor's uid): runs the trusted `setup`
+  and `test` code and calls `check(candidate)`, where `candidate` is a proxy that sends
+  `repr((args, kwargs))` down a pipe and reads back `repr(("ok", value))` or `repr(("raise", ...))`,
+  parsed as literals (`_literal`, never pickle), so only plain data comes back. The verdict is "the
+  checker returned normally", which the candidate cannot fake by lying, crashing or exiting.
+- the candidate: after `unshare` (new mount, network, pid, IPC and UTS namespaces; a user namespace
+  too when not root) it is pid 1 of its own pid namespace, so every process it starts dies with it.
+  It sees a read-only file system except for a private tmpfs working directory, its own /proc, no
+  network (a fresh network namespace has only a down loopback), runs as a fresh unprivileged uid
+  when the supervisor is root (so RLIMIT_NPROC holds and it can signal nothing else), with limits
+  on memory, CPU time, file size, open files and processes. What the kernel refused is left out of
+  the `features` it reports, and execution.py passes that on.
+"""
+
+import _ast
+import _signal  # not `signal`: it imports enum, a few ms of start-up
+import ctypes
+import fcntl
+import io
+import os
+import resource
+import select
+import sys
+import time
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
+STATUS_FD, CALL_FD, REPLY_FD = 3, 4, 5  # the candidate's pipes, at fixed numbers
+MEMORY_ERROR_EXIT = 3
+MAX_REPLY_BYTES = 16 * 1024 * 1024  # a candidate's return value, as text
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _call(name, *args):
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+
+
+def _make_readonly(path):
+    """Every mount under `path` read-only and nosuid (mount_setattr, Linux 5.12+; else remount each)."""
+    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, ctypes.byref(attr), 32) == 0:
+        return
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted(points, key=len):
+        _mount(None, point.replace("\\040", " "), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+
+
+def _set_limits(job, processes=None):
+    limits = [(resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_DATA, job["memory"]),
+              (resource.RLIMIT_CPU, job["cpu"]), (resource.RLIMIT_FSIZE, job["fsize"]),
+              (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 64)]
+    for limit, value in limits + ([(resource.RLIMIT_NPROC, processes)] if processes is not None else []):
+        hard = resource.getrlimit(limit)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)  # a user cannot raise a hard limit
+        resource.setrlimit(limit, (value, value))
+
+
+def _literal(text):
+    """`ast.literal_eval(text)`, plus the reprs of inf, nan and set(). Written over the C `_ast`
+    nodes because importing `ast` (and `json`) would be most of this process's start-up time."""
+    return _value(compile(text, "<literal>", "eval", _ast.PyCF_ONLY_AST).body)
+
+
+def _value(node):
+    if isinstance(node, _ast.Constant):
+        return node.value
+    if isinstance(node, (_ast.Tuple, _ast.List, _ast.Set)):
+        return {_ast.Tuple: tuple, _ast.List: list, _ast.Set: set}[type(node)](_value(e) for e in node.elts)
+    if isinstance(node, _ast.Dict) and None not in node.keys:
+        return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, _ast.UnaryOp) and isinstance(node.op, (_ast.USub, _ast.UAdd)):
+        value = _value(node.operand)
+        if type(value) in (int, float, complex):
+            return -value if isinstance(node.op, _ast.USub) else value
+    if isinstance(node, _ast.BinOp) and isinstance(node.op, (_ast.Add, _ast.Sub)):  # complex: 1+2j
+        left, right = _value(node.left), _value(node.right)
+        if type(left) in (int, float) and type(right) is complex:
+            return left + right if isinstance(node.op, _ast.Add) else left - right
+    if isinstance(node, _ast.Name) and node.id in ("inf", "nan"):
+        return float(node.id)
+    if isinstance(node, _ast.Call) and isinstance(node.func, _ast.Name) and node.func.id == "set" \
+            and not node.args and not node.keywords:
+        return set()
+    raise ValueError(f"not a literal: {type(node).__name__}")
+
+
+# -----------------------------------------------------------------------------
+# The checker: trusted test code, calling the candidate through a pipe
+
+class CandidateError(Exception):
+    pass
+
+
+def run_checker(job, call_w, reply_r, out_path, others):
+    for fd in others:  # the candidate's ends of the pipes
+        os.close(fd)
+    secret = _literal(b"".join(iter(lambda: os.read(0, 1 << 16), b"")).decode())  # the rest of stdin
+    log = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0), os.dup2(log, 1), os.dup2(log, 2)
+    _set_limits(job)
+    replies = os.fdopen(reply_r, "rb")
+
+    def candidate(*args, **kwargs):
+        os.write(call_w, (repr((args, kwargs)) + "\n").encode())
+        line = replies.readline(MAX_REPLY_BYTES + 1)
+        if not line.endswith(b"\n"):
+            raise CandidateError("the candidate's process ended or sent a reply over the size limit")
+        reply = _literal(line.decode("utf-8", errors="replace"))
+        if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "ok":
+            return reply[1]
+        if isinstance(reply, tuple) and len(reply) == 3 and reply[0] == "raise":
+            raise CandidateError(f"the candidate raised {reply[1]}: {reply[2]}")
+        raise CandidateError("the candidate's reply is malformed")
+
+    namespace = {"__name__": "__check__"}
+    try:
+        exec(compile(secret["setup"] + "\n" + secret["test"], "<test>", "exec"), namespace)
+        namespace[job["entry_point"]] = candidate
+        namespace["check"](candidate)
+    except BaseException:
+        _print_exception()
+        os._exit(1)
+    os._exit(0)
+
+
+# -----------------------------------------------------------------------------
+# The candidate: untrusted code, confined by the kernel
+
+def run_candidate(job, features, fds, lib_paths):
+    os.setsid()  # its own session and process group
+    if "pidns" in features:  # a /proc that shows only this namespace's processes
+        try:
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            features.append("proc")
+        except OSError:
+            pass
+    fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (os.open(os.devnull, os.O_RDONLY),) + fds]
+    for target, fd in enumerate(fds):  # stdin, stdout, stderr, STATUS_FD, CALL_FD, REPLY_FD
+        os.dup2(fd, target)
+    os.closerange(REPLY_FD + 1, 1 << 16)  # everything else the supervisor had open
+    for name, fd, errors in (("stdout", 1, "strict"), ("stderr", 2, "backslashreplace")):  # unbuffered, as `-u`
+        setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), "utf-8", errors, write_through=True))
+    _set_limits(job, job["nproc"] if "uid" in features else 0)  # root ignores RLIMIT_NPROC; a shared uid gets 0
+    if "uid" in features:
+        uid = job["uid"]
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        sys.path[:] = lib_paths  # the standard library, bind-mounted where this uid can read it
+    _call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    _call("prctl", PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)  # set after setresuid, which clears it
+    os.chdir(job["workdir"])
+    os.environ.clear()
+    os.environ.update(PATH="/usr/bin:/bin", LANG="C.UTF-8", HOME=job["workdir"], TMPDIR=job["workdir"])
+    os.write(STATUS_FD, f"ready {' '.join(features)}\n".encode())  # before any untrusted code runs
+
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(job["code"], "<program>", "exec"), namespace)
+    except BaseException as e:  # a SystemExit too: the program did not run to its end
+        status = MEMORY_ERROR_EXIT if isinstance(e, MemoryError) else 1
+        try:
+            _print_exception()
+        except BaseException:  # e.g. no memory left to import traceback
+            pass
+        os._exit(status)
+    return namespace
+
+
+def serve(namespace, entry_point):
+    """Answer the checker's calls: one repr'd (args, kwargs) per line in, one repr'd reply out."""
+    function = namespace.get(entry_point)
+    calls = os.fdopen(CALL_FD, "rb")
+    for line in calls:
+        try:
+            args, kwargs = _literal(line.decode())
+            reply = ("ok", function(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 (a SystemExit too: it is the checker's to judge)
+            reply = ("raise", type(e).__name__, str(e)[:1000])
+        os.write(REPLY_FD, (repr(reply) + "\n").encode())
+    os._exit(0)
+
+
+# -----------------------------------------------------------------------------
+# The supervisor
+
+def isolate(job):
+    """Enter new namespaces (the candidate, forked next, is pid 1 of the new pid namespace) and
+    build its file system view. Returns the features the kernel granted and the library paths."""
+    features, lib_paths = [], list(sys.path)
+    root = os.geteuid() == 0
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (0 if root else CLONE_NEWUSER)
+    try:
+        uid, gid = os.getuid(), os.getgid()
+        _call("unshare", flags)
+        if not root:  # map our own uid into the new user namespace
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        features += ["netns", "pidns"] if root else ["userns", "netns", "pidns"]
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        if root:  # the uid we drop to may not reach the interpreter's library (e.g. under /root)
+            lib_paths = []
+            for i, path in enumerate(p for p in sys.path if os.path.exists(p)):
+                stage = os.path.join(job["stage"], str(i))
+                if os.path.isdir(path):
+                    os.mkdir(stage)
+                else:
+                    open(stage, "w").close()
+                _mount(path, stage, None, MS_BIND | MS_REC)
+                lib_paths.append(stage)
+        _make_readonly("/")
+        owner = f",uid={job['uid']},gid={job['uid']}" if root else ""
+        _mount("tmpfs", job["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={job['workdir_bytes']},nr_inodes=4096,mode=0700{owner}")
+        features.append("rofs")
+    except OSError as e:
+        if not features:  # no namespaces at all: the plain process fallback
+            features.append(f"no-namespaces({e.strerror})")
+    if root and ("rofs" in features or all(map(_reachable, lib_paths))):
+        features.insert(0, "uid")
+    return features, lib_paths
+
+
+def _reachable(path):
+    """Whether any user may read `path` (every directory above it searchable by others)."""
+    parts = os.path.abspath(path).split(os.sep)
+    dirs = [os.sep + os.path.join(*parts[1:i]) if i > 1 else os.sep for i in range(1, len(parts))]
+    try:
+        return all(os.stat(d).st_mode & 0o001 for d in dirs) and bool(os.stat(path).st_mode & 0o004)
+    except OSError:
+        return False
+
+
+def children():
+    """This process's living children (orphans reparented to us included)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def kill_all(pids):
+    """SIGKILL and reap every descendant. As a subreaper, every orphan is our child, so when
+    waitpid says there are no children left, no descendant is left."""
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
+    statuses = {}
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return statuses
+        if pid:
+            statuses[pid] = status
+            continue
+        for pid in children():
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+
+
+def wait_for(pid, deadline):
+    """The wait status of `pid`, or None if the deadline passed first."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(left, 0.002))
+
+
+def _print_exception():
+    import traceback  # only when needed: it is slow to import
+    traceback.print_exc()
+    sys.stderr.flush()
+
+
+def _read_line(fd, deadline):
+    """One line from the pipe `fd` (without its newline), or what came before EOF or the deadline."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < 4096:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def main():
+    _signal.signal(_signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` kills the children
+    header = b""
+    while not header.endswith(b"\n"):
+        header += os.read(0, 1)
+    size, data = int(header), b""
+    while len(data) < size:
+        data += os.read(0, size - len(data))
+    job = _literal(data.decode())
+    deadline = time.monotonic() + job["timeout"]
+    _call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if os.geteuid() == 0:
+        os.chown(job["workdir"], job["uid"], job["uid"])
+    out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    status_r, status_w = os.pipe()
+    call_r, call_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    checker = candidate = None
+    result = {"timed_out": False}
+    try:
+        if job["mode"] == "check":
+            checker = os.fork()
+            if checker == 0:
+                try:
+                    run_checker(job, call_w, reply_r, job["check_log"], (status_r, status_w, call_r, reply_w, out, err))
+                finally:
+                    os._exit(1)
+        features, lib_paths = isolate(job)
+        candidate = os.fork()
+        if candidate == 0:
+            try:
+                namespace = run_candidate(job, features, (out, err, status_w, call_r, reply_w), lib_paths)
+                if job["mode"] == "check":
+                    serve(namespace, job["entry_point"])
+                sys.stdout.flush(), sys.stderr.flush()
+                os.write(STATUS_FD, b"ok\n")
+                code = 0
+            except BaseException:  # the sandbox's own set-up failed (no "ready" line was written)
+                _print_exception()
+                code = 1
+            os._exit(code)
+        for fd in (status_w, call_r, call_w, reply_r, reply_w, out, err):
+            os.close(fd)
+        ready = _read_line(status_r, deadline)  # "ready <features>", written before the program starts
+        result["features"] = ready.split()[1:] if ready.startswith("ready ") else []
+        status = wait_for(checker if checker else candidate, deadline)
+        result["timed_out"] = status is None
+        if status is not None:
+            result["returncode"] = os.waitstatus_to_exitcode(status)
+    finally:
+        statuses = kill_all([p for p in (candidate, checker) if p])
+    if candidate in statuses and "returncode" not in result:
+        result["returncode"] = os.waitstatus_to_exitcode(statuses[candidate])
+    if candidate in statuses and checker:
+        result["candidate_returncode"] = os.waitstatus_to_exitcode(statuses[candidate])
+    done = _read_line(status_r, time.monotonic()) if checker is None else ""
+    result["ok"] = result.get("returncode") == 0 and not result["timed_out"] and (checker is not None or done == "ok")
+    sys.stdout.write(repr(result))
+
+
+if __name__ == "__main__":
+    main()
