@@ -43,6 +43,7 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
 STATUS_FD, CALL_FD, REPLY_FD = 3, 4, 5  # the candidate's pipes, at fixed numbers
 MEMORY_ERROR_EXIT = 3
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")  # writable by anyone: each gets an empty tmpfs
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # a candidate's return value, as text
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -131,7 +132,10 @@ def run_checker(job, call_w, reply_r, out_path, others):
         line = replies.readline(MAX_REPLY_BYTES + 1)
         if not line.endswith(b"\n"):
             raise CandidateError("the candidate's process ended or sent a reply over the size limit")
-        reply = _literal(line.decode("utf-8", errors="replace"))
+        try:
+            reply = _literal(line.decode("utf-8", errors="replace"))
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
+            raise CandidateError(f"the candidate's reply is not a literal: {line[:200]!r}") from None
         if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "ok":
             return reply[1]
         if isinstance(reply, tuple) and len(reply) == 3 and reply[0] == "raise":
@@ -172,7 +176,7 @@ def run_candidate(job, features, fds, lib_paths):
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-        sys.path[:] = lib_paths  # the standard library, bind-mounted where this uid can read it
+    sys.path[:] = lib_paths  # the standard library, where the program can read it
     _call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     _call("prctl", PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)  # set after setresuid, which clears it
     os.chdir(job["workdir"])
@@ -225,16 +229,25 @@ def isolate(job):
                     f.write(text)
         features += ["netns", "pidns"] if root else ["userns", "netns", "pidns"]
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        if root:  # the uid we drop to may not reach the interpreter's library (e.g. under /root)
-            lib_paths = []
-            for i, path in enumerate(p for p in sys.path if os.path.exists(p)):
-                stage = os.path.join(job["stage"], str(i))
-                if os.path.isdir(path):
-                    os.mkdir(stage)
-                else:
-                    open(stage, "w").close()
-                _mount(path, stage, None, MS_BIND | MS_REC)
-                lib_paths.append(stage)
+        # The library is bind-mounted into a fresh directory: the uid we drop to may not reach it
+        # where it is (e.g. under /root), and it may be under one of the directories covered next.
+        libs = [os.open(path, os.O_PATH) for path in sys.path if os.path.exists(path)]
+        for path in SCRATCH_DIRS:  # hide what others left there, e.g. Unix sockets anyone may connect to
+            if os.path.isdir(path) and not os.path.islink(path):
+                _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
+        os.makedirs(job["workdir"], exist_ok=True)
+        os.makedirs(job["stage"], exist_ok=True)
+        staged = []
+        for i, fd in enumerate(libs):
+            stage = os.path.join(job["stage"], str(i))
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.mkdir(stage)
+            else:
+                open(stage, "w").close()
+            _mount(f"/proc/self/fd/{fd}", stage, None, MS_BIND | MS_REC)
+            os.close(fd)
+            staged.append(stage)
+        lib_paths = staged
         _make_readonly("/")
         owner = f",uid={job['uid']},gid={job['uid']}" if root else ""
         _mount("tmpfs", job["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
