@@ -41,6 +41,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
+CAPABILITY_VERSION_3 = 0x20080522
 STATUS_FD, CALL_FD, REPLY_FD = 3, 4, 5  # the candidate's pipes, at fixed numbers
 MEMORY_ERROR_EXIT = 3
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")  # writable by anyone: each gets an empty tmpfs
@@ -156,7 +157,7 @@ def run_checker(job, call_w, reply_r, out_path, others):
 # -----------------------------------------------------------------------------
 # The candidate: untrusted code, confined by the kernel
 
-def run_candidate(job, features, fds, lib_paths):
+def run_candidate(job, features, fds, moved):
     os.setsid()  # its own session and process group
     if "pidns" in features:  # a /proc that shows only this namespace's processes
         try:
@@ -176,7 +177,16 @@ def run_candidate(job, features, fds, lib_paths):
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-    sys.path[:] = lib_paths  # the standard library, where the program can read it
+    if moved:  # the standard library, where the program can read it; packages already imported too
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__path__", None)
+            if isinstance(path, list):
+                path[:] = [next((moved[p] + d[len(p):] for p in moved if d.startswith(p + "/")), d) for d in path]
+        sys.path[:] = moved.values()
+        sys.path_importer_cache.clear()
+    # No capabilities left (in a user namespace we hold them all, enough to unmount what hides the
+    # rest), and none to gain from setuid files.
+    _call("capset", ctypes.byref((ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)), ctypes.byref((ctypes.c_uint32 * 6)()))
     _call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     _call("prctl", PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)  # set after setresuid, which clears it
     os.chdir(job["workdir"])
@@ -216,8 +226,9 @@ def serve(namespace, entry_point):
 
 def isolate(job):
     """Enter new namespaces (the candidate, forked next, is pid 1 of the new pid namespace) and
-    build its file system view. Returns the features the kernel granted and the library paths."""
-    features, lib_paths = [], list(sys.path)
+    build its file system view. Returns the features the kernel granted, and where each library
+    folder of sys.path was bind-mounted ({} if it was not)."""
+    features, moved = [], {}
     root = os.geteuid() == 0
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (0 if root else CLONE_NEWUSER)
     try:
@@ -231,7 +242,8 @@ def isolate(job):
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         # The library is bind-mounted into a fresh directory: the uid we drop to may not reach it
         # where it is (e.g. under /root), and it may be under one of the directories covered next.
-        libs = [os.open(path, os.O_PATH) for path in sys.path if os.path.exists(path)]
+        originals = [path for path in sys.path if os.path.exists(path)]
+        libs = [os.open(path, os.O_PATH) for path in originals]
         for path in SCRATCH_DIRS:  # hide what others left there, e.g. Unix sockets anyone may connect to
             if os.path.isdir(path) and not os.path.islink(path):
                 _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
@@ -247,7 +259,7 @@ def isolate(job):
             _mount(f"/proc/self/fd/{fd}", stage, None, MS_BIND | MS_REC)
             os.close(fd)
             staged.append(stage)
-        lib_paths = staged
+        moved = dict(zip(originals, staged))
         _make_readonly("/")
         owner = f",uid={job['uid']},gid={job['uid']}" if root else ""
         _mount("tmpfs", job["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
@@ -256,9 +268,9 @@ def isolate(job):
     except OSError as e:
         if not features:  # no namespaces at all: the plain process fallback
             features.append(f"no-namespaces({e.strerror})")
-    if root and ("rofs" in features or all(map(_reachable, lib_paths))):
+    if root and (moved or all(map(_reachable, sys.path))):
         features.insert(0, "uid")
-    return features, lib_paths
+    return features, moved
 
 
 def _reachable(path):
@@ -365,11 +377,11 @@ def main():
                     run_checker(job, call_w, reply_r, job["check_log"], (status_r, status_w, call_r, reply_w, out, err))
                 finally:
                     os._exit(1)
-        features, lib_paths = isolate(job)
+        features, moved = isolate(job)
         candidate = os.fork()
         if candidate == 0:
             try:
-                namespace = run_candidate(job, features, (out, err, status_w, call_r, reply_w), lib_paths)
+                namespace = run_candidate(job, features, (out, err, status_w, call_r, reply_w), moved)
                 if job["mode"] == "check":
                     serve(namespace, job["entry_point"])
                 sys.stdout.flush(), sys.stderr.flush()
