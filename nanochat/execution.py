@@ -18,18 +18,20 @@ Confinement comes from the kernel, not from patching Python (anything patched in
 interpreter can be undone from inside it). Each run starts a supervisor, `python -I -S
 nanochat/sandbox.py`, with an empty environment; it forks the program into new mount, network, pid,
 IPC and UTS namespaces (as root; as another user through a user namespace), where it:
-- runs as a fresh uid (a random one in [SANDBOX_UID_BASE, + 2^24)) when we are root, so it can
-  neither signal nor read anything of ours, and RLIMIT_NPROC (8) holds;
+- runs as a fresh uid (random, in [SANDBOX_UID_BASE, + 2^24)) when we are root, so it can neither
+  signal nor read anything of ours, and RLIMIT_NPROC (MAX_PROCESSES) holds; as another user it
+  keeps our uid, drops every capability, and may not start processes;
 - is pid 1 of its own pid namespace and sees only its own /proc: when it ends, the kernel kills
   every process it started (`setsid()` or not); the supervisor is also a subreaper, which catches
   orphans where pid namespaces are refused;
-- sees a read-only file system, except a private tmpfs working directory (64 MiB);
+- sees a read-only file system with empty /tmp, /var/tmp, /dev/shm and /run, and a private tmpfs
+  working directory (WORKDIR_BYTES);
 - has no network: a fresh network namespace has only a loopback that is down;
 - has limits on address space and data (`maximum_memory_bytes`; a memory bomb raises
   MemoryError), CPU seconds (a backstop to the wall clock), file size (`max_output_bytes`, which
   also caps the captured stdout/stderr), open files (64), and no core dumps.
 What the kernel refused is left out of `ExecutionResult.isolation` (see `isolation_level()`);
-README.md ("The sandbox") lists what is and is not guaranteed in each case. Linux only.
+README.md ("The sandbox") says what is and is not guaranteed in each case. Linux only.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _run(mode: str, code: str, secret: dict | None, entry_point: str, timeout: f
             return failed(_last_line(log) or f"the checker's exit status is {returncode}")
         if returncode is not None and returncode < 0:  # killed by a signal
             name = signal.Signals(-returncode).name
-            if -returncode in (signal.SIGXCPU, signal.SIGKILL) and "CPU" in name or -returncode == signal.SIGXCPU:
+            if -returncode == signal.SIGXCPU:
                 return failed(f"CPU time limit reached ({name})", timeout=True)
             return failed(f"killed by signal {name}")
         if output_full:
