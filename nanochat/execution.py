@@ -18,9 +18,10 @@ Confinement comes from the kernel, not from patching Python (anything patched in
 interpreter can be undone from inside it). Each run starts a supervisor, `python -I -S
 nanochat/sandbox.py`, with an empty environment; it forks the program into new mount, network, pid,
 IPC and UTS namespaces (as root; as another user through a user namespace), where it:
-- runs as a fresh uid (random, in [SANDBOX_UID_BASE, + 2^24)) when we are root, so it can neither
-  signal nor read anything of ours, and RLIMIT_NPROC (MAX_PROCESSES) holds; as another user it
-  keeps our uid, drops every capability, and may not start processes;
+- runs as a fresh uid when we are root (random, in [SANDBOX_UID_BASE, + 2^24), or among the ids
+  a rootless container maps), so it can neither signal nor read anything of ours, and
+  RLIMIT_NPROC (MAX_PROCESSES) holds; otherwise it keeps our uid, drops every capability, and may
+  not start processes;
 - is pid 1 of its own pid namespace and sees only its own /proc: when it ends, the kernel kills
   every process it started (`setsid()` or not); the supervisor is also a subreaper, which catches
   orphans where pid namespaces are refused;
@@ -87,10 +88,9 @@ def _run(mode: str, code: str, secret: dict | None, entry_point: str, timeout: f
         paths = {name: os.path.join(root, name) for name in ("work", "lib", "stdout", "stderr", "check_log")}
         os.mkdir(paths["work"], 0o700)
         os.mkdir(paths["lib"], 0o755)
-        uid = SANDBOX_UID_BASE + int.from_bytes(os.urandom(3), "little") if os.geteuid() == 0 else None
         job = {"mode": mode, "code": code, "entry_point": entry_point, "timeout": timeout,
                "memory": maximum_memory_bytes, "cpu": math.ceil(timeout) + 1, "fsize": max_output_bytes,
-               "nproc": MAX_PROCESSES, "uid": uid, "workdir": paths["work"], "workdir_bytes": WORKDIR_BYTES,
+               "nproc": MAX_PROCESSES, "uid_base": SANDBOX_UID_BASE, "workdir": paths["work"], "workdir_bytes": WORKDIR_BYTES,
                "stage": paths["lib"], "stdout": paths["stdout"], "stderr": paths["stderr"],
                "check_log": paths["check_log"]}
         public = repr(job).encode()

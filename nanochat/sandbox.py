@@ -173,9 +173,9 @@ def run_candidate(job, features, fds, moved):
         setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), "utf-8", errors, write_through=True))
     _set_limits(job, job["nproc"] if "uid" in features else 0)  # root ignores RLIMIT_NPROC; a shared uid gets 0
     if "uid" in features:
-        uid = job["uid"]
+        uid, gid = job["uid"], job["gid"]
         os.setgroups([])
-        os.setresgid(uid, uid, uid)
+        os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     if moved:  # the standard library, where the program can read it; packages already imported too
         for module in list(sys.modules.values()):
@@ -261,16 +261,31 @@ def isolate(job):
             staged.append(stage)
         moved = dict(zip(originals, staged))
         _make_readonly("/")
-        owner = f",uid={job['uid']},gid={job['uid']}" if root else ""
+        owner = f",uid={job['uid']},gid={job['gid']}" if job["uid"] is not None else ""
         _mount("tmpfs", job["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
                f"size={job['workdir_bytes']},nr_inodes=4096,mode=0700{owner}")
         features.append("rofs")
     except OSError as e:
         if not features:  # no namespaces at all: the plain process fallback
             features.append(f"no-namespaces({e.strerror})")
-    if root and (moved or all(map(_reachable, sys.path))):
+    if job["uid"] is not None and (moved or all(map(_reachable, sys.path))):
         features.insert(0, "uid")
     return features, moved
+
+
+def _pick_id(map_path, base, rand):
+    """A fresh id: base + rand when this user namespace maps [base, base + 2^24) (the initial one
+    maps every id), else one of the mapped non-zero ids (e.g. in a rootless container), else None."""
+    with open(map_path) as f:
+        ranges = [(int(inside), int(inside) + int(count)) for inside, _, count in map(str.split, f)]
+    if any(a <= base and base + (1 << 24) <= b for a, b in ranges):
+        return base + rand
+    ranges = [(max(a, 1), b) for a, b in ranges if b > max(a, 1) and not a <= 65534 < b] or \
+        [(max(a, 1), b) for a, b in ranges if b > max(a, 1)]
+    if not ranges:
+        return None
+    a, b = max(ranges, key=lambda r: r[1] - r[0])
+    return a + rand % (b - a)
 
 
 def _reachable(path):
@@ -360,8 +375,14 @@ def main():
     job = _literal(data.decode())
     deadline = time.monotonic() + job["timeout"]
     _call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    if os.geteuid() == 0:
-        os.chown(job["workdir"], job["uid"], job["uid"])
+    job["uid"] = job["gid"] = None
+    if os.geteuid() == 0:  # a fresh uid and gid for this run
+        rand = int.from_bytes(os.urandom(3), "little")
+        job["uid"], job["gid"] = (_pick_id(f"/proc/self/{name}", job["uid_base"], rand) for name in ("uid_map", "gid_map"))
+        if job["uid"] is None or job["gid"] is None:
+            job["uid"] = job["gid"] = None
+        else:
+            os.chown(job["workdir"], job["uid"], job["gid"])
     out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     status_r, status_w = os.pipe()
