@@ -27,6 +27,7 @@ orphaned descendant, a `setsid()` escapee included, its child, so none is left b
 import _ast
 import _signal  # not `signal`: it imports enum, a few ms of start-up
 import ctypes
+import errno
 import fcntl
 import io
 import os
@@ -267,9 +268,10 @@ def isolate(job):
         features.append("rofs")
     except OSError as e:
         if not features:  # no namespaces at all: the plain process fallback
-            features.append(f"no-namespaces({e.strerror})")
-    if job["uid"] is not None and (moved or all(map(_reachable, sys.path))):
+            features.append(f"no-namespaces:{errno.errorcode.get(e.errno, e.errno)}")
+    if job["uid"] is not None and (moved or all(_reachable(p) for p in sys.path if os.path.exists(p))):
         features.insert(0, "uid")
+        os.chown(job["workdir"], job["uid"], job["gid"])
     return features, moved
 
 
@@ -307,38 +309,53 @@ def children():
         return []
 
 
-def kill_all(pids):
+def _kill(pid, group=False):
+    try:
+        (os.killpg if group else os.kill)(pid, _signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_all(pids, statuses):
     """SIGKILL and reap every descendant. As a subreaper, every orphan is our child, so when
-    waitpid says there are no children left, no descendant is left."""
+    waitpid says there are no children left, no descendant is left. A process group outlives its
+    leader, so `pids`' groups are killed too (a group id is not reused while the group lives)."""
     for pid in pids:
-        for kill in (os.killpg, os.kill):
-            try:
-                kill(pid, _signal.SIGKILL)
-            except OSError:
-                pass
-    statuses = {}
+        _kill(pid, group=True)
+        if pid not in statuses:  # a reaped pid may already belong to someone else
+            _kill(pid)
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return statuses
+            return
         if pid:
             statuses[pid] = status
             continue
         for pid in children():
-            try:
-                os.kill(pid, _signal.SIGKILL)
-            except OSError:
-                pass
+            _kill(pid)
         time.sleep(0.001)
 
 
-def wait_for(pid, deadline):
-    """The wait status of `pid`, or None if the deadline passed first."""
+def wait_for(pid, deadline, statuses, candidate=None):
+    """The wait status of `pid`, or None if the deadline passed first. With `candidate` (when
+    waiting for the checker): once the candidate has ended, what it left behind is killed as it
+    appears (pid namespaces do that, where granted), so nothing holds its pipes open."""
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return status
+        if candidate is not None and candidate not in statuses:
+            done, status = os.waitpid(candidate, os.WNOHANG)
+            if done:
+                statuses[candidate] = status
+        if candidate in statuses:
+            for child in children():
+                if child != pid:
+                    _kill(child)
+                    done, status = os.waitpid(child, os.WNOHANG)
+                    if done:
+                        statuses[done] = status
         left = deadline - time.monotonic()
         if left <= 0:
             return None
@@ -381,15 +398,13 @@ def main():
         job["uid"], job["gid"] = (_pick_id(f"/proc/self/{name}", job["uid_base"], rand) for name in ("uid_map", "gid_map"))
         if job["uid"] is None or job["gid"] is None:
             job["uid"] = job["gid"] = None
-        else:
-            os.chown(job["workdir"], job["uid"], job["gid"])
     out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     status_r, status_w = os.pipe()
     call_r, call_w = os.pipe()
     reply_r, reply_w = os.pipe()
     checker = candidate = None
-    result = {"timed_out": False}
+    result, statuses = {"timed_out": False}, {}
     try:
         if job["mode"] == "check":
             checker = os.fork()
@@ -416,12 +431,12 @@ def main():
             os.close(fd)
         ready = _read_line(status_r, deadline)  # "ready <features>", written before the program starts
         result["features"] = ready.split()[1:] if ready.startswith("ready ") else []
-        status = wait_for(checker if checker else candidate, deadline)
+        status = wait_for(checker or candidate, deadline, statuses, candidate if checker else None)
         result["timed_out"] = status is None
         if status is not None:
             result["returncode"] = os.waitstatus_to_exitcode(status)
     finally:
-        statuses = kill_all([p for p in (candidate, checker) if p])
+        kill_all([p for p in (candidate, checker) if p], statuses)
     if candidate in statuses and "returncode" not in result:
         result["returncode"] = os.waitstatus_to_exitcode(statuses[candidate])
     if candidate in statuses and checker:

@@ -402,3 +402,64 @@ def test_the_answer_passes():
     """The harness' own control: a candidate that returns the answer passes, so FAIL above means
     the attack failed, not that nothing can pass."""
     assert check_function(f"def solve():\n    return {ANSWER!r}\n", "solve", TEST).success
+
+
+# -----------------------------------------------------------------------------
+# Without namespaces (e.g. a container without CAP_SYS_ADMIN), processes are still contained
+
+LAUNCHER = '''
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ready_r, ready_w = os.pipe()
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:  # root of a new user namespace that maps 0 and 1..65536 -> 100000.. (a rootless container)
+    assert libc.unshare(0x10000000) == 0, ctypes.get_errno()
+    os.write(ready_w, b"x")
+    os.read(go_r, 1)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    for kind in ("user", "mnt", "net", "pid", "ipc", "uts", "cgroup"):  # and no namespaces from here on
+        with open(f"/proc/sys/user/max_{kind}_namespaces", "w") as f:
+            f.write("0")
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+os.read(ready_r, 1)
+for name in ("uid_map", "gid_map"):
+    with open(f"/proc/{pid}/{name}", "w") as f:
+        f.write("0 0 1\\n1 100000 65536\\n")
+os.write(go_w, b"x")
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+'''
+
+FALLBACK_PROGRAM = '''
+import sys
+sys.path.insert(0, {repo!r})
+from nanochat.execution import check_function, execute_code
+escapee = "import os\\nif os.fork() == 0:\\n    os.setsid()\\n    os.execv('/bin/sleep', ['sleep', '987.654'])\\n"
+results = [execute_code(escapee + "assert False"),
+           execute_code("import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass", timeout=1.0),
+           check_function(escapee + "import os\\nos._exit(0)", "f", "def check(candidate):\\n    assert candidate() == 1")]
+print(repr([(r.isolation, r.success, r.error) for r in results]))
+'''
+
+
+def test_without_namespaces_escapees_still_die():
+    """Namespaces refused (user.max_*_namespaces = 0 in a user namespace that maps a range of ids,
+    like a rootless container): the fresh uid, RLIMIT_NPROC and the supervisor, a subreaper that
+    kills whatever is left, still contain a `setsid()` escapee and a fork bomb."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to write a user namespace's id map with a range of ids")
+    # An interpreter any uid can run (ours may live under /root), so that the fresh uid is used
+    python = next(p for p in ("/usr/bin/python3", sys.executable) if subprocess.run(
+        [p, "-c", "import sys; assert sys.version_info >= (3, 9)"], capture_output=True).returncode == 0)
+    program = FALLBACK_PROGRAM.format(repo=str(REPO))
+    proc = subprocess.run([python, "-c", LAUNCHER, program], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"user namespaces are not available here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    results = eval(proc.stdout.strip().splitlines()[-1])  # our own repr of plain data
+    for isolation, success, error in results:
+        assert [f for f in isolation if f != "uid"][0].startswith("no-namespaces"), isolation
+        assert not success, error
+    time.sleep(1.0)
+    assert survivors() == []
