@@ -3,10 +3,10 @@ The sandbox's supervisor: one short-lived process per program, started by nanoch
 `python -I -S nanochat/sandbox.py` (isolated interpreter, no site-packages, empty environment).
 Only the standard library is imported, so it starts in a few tens of milliseconds.
 
-Protocol: stdin carries `<n>\\n` + n bytes of the job (a dict literal), then, in "check" mode, the
-checker's private dict literal (`setup` and `test`) up to EOF. The supervisor never reads the private part:
-the checker process reads it after the fork, so the candidate (forked later from the supervisor)
-has no copy of the tests in its memory. The result is one dict literal on stdout.
+Protocol: stdin carries `<n>\\n` + n bytes of the job (a dict literal), then, in "check" mode,
+the checker's private dict literal (`setup` and `test`) up to EOF. The supervisor never reads the
+private part: the checker process reads it after the fork, so the candidate (forked later from the
+supervisor) has no copy of the tests in its memory. The result is one dict literal on stdout.
 
 Processes (all children of the supervisor, which is a subreaper: PR_SET_CHILD_SUBREAPER makes any
 orphaned descendant, a `setsid()` escapee included, its child, so none is left behind):
@@ -127,10 +127,11 @@ def run_checker(job, call_w, reply_r, out_path, others):
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0), os.dup2(log, 1), os.dup2(log, 2)
     _set_limits(job)
-    replies = os.fdopen(reply_r, "rb")
+    calls, replies = os.fdopen(call_w, "wb"), os.fdopen(reply_r, "rb")
 
     def candidate(*args, **kwargs):
-        os.write(call_w, (repr((args, kwargs)) + "\n").encode())
+        calls.write((repr((args, kwargs)) + "\n").encode())
+        calls.flush()
         line = replies.readline(MAX_REPLY_BYTES + 1)
         if not line.endswith(b"\n"):
             raise CandidateError("the candidate's process ended or sent a reply over the size limit")
@@ -211,14 +212,15 @@ def run_candidate(job, features, fds, moved):
 def serve(namespace, entry_point):
     """Answer the checker's calls: one repr'd (args, kwargs) per line in, one repr'd reply out."""
     function = namespace.get(entry_point)
-    calls = os.fdopen(CALL_FD, "rb")
+    calls, replies = os.fdopen(CALL_FD, "rb"), os.fdopen(REPLY_FD, "wb")
     for line in calls:
         try:
             args, kwargs = _literal(line.decode())
             reply = ("ok", function(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 (a SystemExit too: it is the checker's to judge)
             reply = ("raise", type(e).__name__, str(e)[:1000])
-        os.write(REPLY_FD, (repr(reply) + "\n").encode())
+        replies.write((repr(reply) + "\n").encode())
+        replies.flush()
     os._exit(0)
 
 
