@@ -307,8 +307,16 @@ def children():
     try:
         with open(f"/proc/self/task/{os.getpid()}/children") as f:
             return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: read every process's parent
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                        found.append(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+        return found
 
 
 def _kill(pid, group=False):
