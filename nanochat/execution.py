@@ -96,8 +96,11 @@ def _run(mode: str, code: str, secret: dict | None, entry_point: str, timeout: f
         public = repr(job).encode()
         stdin = f"{len(public)}\n".encode() + public + (repr(secret).encode() if secret else b"")
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # none of our secrets
-        proc = subprocess.run([sys.executable, "-I", "-S", SUPERVISOR], input=stdin, capture_output=True,
-                              env=env, timeout=timeout + 30)
+        try:
+            proc = subprocess.run([sys.executable, "-I", "-S", SUPERVISOR], input=stdin, capture_output=True,
+                                  env=env, timeout=timeout + 30)
+        except subprocess.TimeoutExpired:  # killed; its program dies with it (PR_SET_PDEATHSIG)
+            return ExecutionResult(False, "", "", f"the sandbox's supervisor did not finish in {timeout + 30} s")
         stdout = _read_capped(paths["stdout"], max_output_bytes)
         stderr = _read_capped(paths["stderr"], max_output_bytes)
         try:
