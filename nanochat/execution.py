@@ -1,35 +1,44 @@
 """
-Run untrusted Python (e.g. HumanEval completions written by the model) in a separate process,
-and report what happened.
+Run untrusted Python (HumanEval completions, any code the model writes) in a sandbox, and report
+what happened. Two entry points:
 
-    from nanochat.execution import execute_code
-    result = execute_code("print(1 + 1)")
-    result.success, result.stdout   # True, "2\\n"
+    from nanochat.execution import execute_code, check_function
+    execute_code("print(1 + 1)").stdout                                # "2\\n"
+    check_function("def f(x):\\n    return 2 * x", "f",
+                   "def check(candidate):\\n    assert candidate(3) == 6").success   # True
 
-How the child is confined:
-- A fresh interpreter (`sys.executable -I -u`: isolated from PYTHON* variables and the user's
-  site-packages, unbuffered) in its own session/process group, with stdin from /dev/null and a
-  scrubbed environment (PATH, LANG, HOME and TMPDIR only: no secrets inherited).
-- Its working directory is a new temporary directory, removed afterwards with whatever it wrote.
-- Resource limits set inside the child before the program runs: address space and data segment
-  (`maximum_memory_bytes`, so a memory bomb raises MemoryError), CPU seconds (a backstop to the
-  wall-clock timeout), the largest file it may write (`max_output_bytes`, which also caps the
-  captured stdout/stderr, written to files the kernel caps), no core dumps, no new processes.
-- Destructive functions are disabled before the program runs (the idea of HumanEval's
-  `reliability_guard`, written here from scratch): process creation and signalling (os.system,
-  os.fork, os.kill, subprocess.Popen, ...), deleting, renaming, truncating and re-permissioning
-  files (os.remove/unlink/rmdir, shutil.rmtree/move, ...), changing directory, and `ctypes`.
-  Files may be opened for writing only inside the temporary directory.
-- The parent waits `timeout` seconds of wall-clock time, then kills the whole process group.
+`check_function` is the one to trust with a verdict (evals, RL rewards): the test's assertions run
+in a separate checker process, which calls the candidate through a pipe with arguments and results
+passed as literals (`repr` / `ast.literal_eval`, never pickle). Success means "the checker returned
+normally", so the candidate can crash, lie, print or exit and the result is still a failure.
+`execute_code` judges a single program by how its own process ended: a program that wants to
+look successful can (it runs in the process that reports), so never grade with it.
 
-Success means the program ran to the end without an exception (a SystemExit counts as failure,
-so `exit()` cannot fake a pass). This is a guard against accidents, not a security boundary:
-a determined adversary can escape any in-process Python guard. Run adversarial code in a
-container or VM. Linux (resource limits as used here); other platforms get weaker limits.
+Confinement comes from the kernel, not from patching Python (anything patched inside the
+interpreter can be undone from inside it). Each run starts a supervisor, `python -I -S
+nanochat/sandbox.py`, with an empty environment; it forks the program into new mount, network, pid,
+IPC and UTS namespaces (as root; as another user through a user namespace), where it:
+- runs as a fresh uid when we are root (random, in [SANDBOX_UID_BASE, + 2^24), or among the ids
+  a rootless container maps), so it can neither signal nor read anything of ours, and
+  RLIMIT_NPROC (MAX_PROCESSES) holds; otherwise it keeps our uid, drops every capability, and may
+  not start processes;
+- is pid 1 of its own pid namespace and sees only its own /proc: when it ends, the kernel kills
+  every process it started (`setsid()` or not); the supervisor is also a subreaper, which catches
+  orphans where pid namespaces are refused;
+- sees a read-only file system with empty /tmp, /var/tmp, /dev/shm and /run, and a private tmpfs
+  working directory (WORKDIR_BYTES);
+- has no network: a fresh network namespace has only a loopback that is down;
+- has limits on address space and data (`maximum_memory_bytes`; a memory bomb raises
+  MemoryError), CPU seconds (a backstop to the wall clock), file size (`max_output_bytes`, which
+  also caps the captured stdout/stderr), open files (64), and no core dumps.
+What the kernel refused is left out of `ExecutionResult.isolation` (see `isolation_level()`);
+README.md ("The sandbox") says what is and is not guaranteed in each case. Linux only.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 import os
 import shutil
@@ -37,105 +46,33 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-MEMORY_ERROR_EXIT = 3  # the child's exit status when the program ran out of memory
+SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox.py")
+MEMORY_ERROR_EXIT = 3  # the program's exit status when it ran out of memory (as in sandbox.py)
+SANDBOX_UID_BASE = 1_879_048_192  # 0x70000000: far above real users, subuid ranges and systemd's dynamic uids
+MAX_PROCESSES = 8  # RLIMIT_NPROC for the sandbox's own uid (only when we are root)
+WORKDIR_BYTES = 64 * 1024 * 1024  # the private tmpfs working directory
+ALL_FEATURES = ("uid", "userns", "netns", "pidns", "rofs", "proc")
 
 
 @dataclass
 class ExecutionResult:
-    success: bool  # ran to completion without an exception
+    success: bool  # ran to completion without an exception (check_function: the checker passed)
     stdout: str
     stderr: str
     error: str | None = None  # a short description of what went wrong, None on success
     timeout: bool = False  # killed after `timeout` seconds
     memory_exceeded: bool = False  # stopped by the memory limit
-
-
-# The child's bootstrap: argv = [program path, memory bytes, cpu seconds, max file bytes].
-# Limits first, then the guard, then the program. Runs as `python -I -u -c BOOTSTRAP ...`.
-BOOTSTRAP = r'''
-import sys, os, resource, traceback
-path, memory, cpu, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-del sys.argv[1:]
-for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory),
-                     (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0),
-                     (resource.RLIMIT_NPROC, 0)):
-    try:
-        resource.setrlimit(limit, (value, value))
-    except (ValueError, OSError):  # e.g. RLIMIT_AS on macOS
-        pass
-with open(path, encoding="utf-8") as f:
-    source = f.read()
-os.remove(path)  # the program's text leaves the working directory before it runs
-workdir = os.path.realpath(os.getcwd())
-
-import builtins, io, _io, posix, shutil, subprocess
-_exit = os._exit
-real_open, real_os_open = io.open, os.open
-
-def _inside(file):
-    if isinstance(file, int):  # an already open descriptor
-        return True
-    target = os.path.realpath(os.path.join(workdir, os.fsdecode(file)))
-    return target == workdir or target.startswith(workdir + os.sep)
-
-def guarded_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+") and not _inside(file):
-        raise PermissionError(f"the sandbox only writes inside its working directory, not {file!r}")
-    return real_open(file, mode, *args, **kwargs)
-
-def guarded_os_open(file, flags, *args, **kwargs):
-    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and not _inside(file):
-        raise PermissionError(f"the sandbox only writes inside its working directory, not {file!r}")
-    return real_os_open(file, flags, *args, **kwargs)
-
-def disabled(name):
-    def refuse(*args, **kwargs):
-        raise PermissionError(f"{name} is disabled in the sandbox")
-    return refuse
-
-builtins.open = io.open = _io.open = guarded_open
-os.open = guarded_os_open
-for name in ("exit", "quit", "help", "copyright", "credits", "license"):
-    setattr(builtins, name, disabled(name))
-for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "abort", "_exit",
-             "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
-             "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-             "posix_spawn", "posix_spawnp", "remove", "unlink", "rmdir", "removedirs", "rename", "renames",
-             "replace", "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown",
-             "chroot", "chdir", "fchdir", "link", "symlink", "mkfifo", "mknod", "putenv", "unsetenv",
-             "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid",
-             "setsid", "setpgid", "plock", "nice", "sched_setaffinity", "pidfd_open"):
-    for module in (os, posix):  # os re-exports posix: disable both names
-        if hasattr(module, name):
-            setattr(module, name, disabled(f"os.{name}"))
-for name in ("rmtree", "move", "chown"):
-    setattr(shutil, name, disabled(f"shutil.{name}"))
-for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-    setattr(subprocess, name, disabled(f"subprocess.{name}"))
-for name in ("ctypes", "_ctypes", "multiprocessing", "_posixsubprocess", "pty", "psutil"):
-    sys.modules[name] = None  # `import ctypes` now raises ImportError
-
-status = 1
-try:
-    exec(compile(source, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-    status = 0
-except MemoryError:
-    traceback.print_exc()
-    status = 3
-except BaseException:
-    traceback.print_exc()
-sys.stdout.flush()
-sys.stderr.flush()
-_exit(status)
-'''
+    isolation: list[str] = field(default_factory=list)  # what the kernel granted, e.g. ["uid", "netns", ...]
 
 
 def _read_capped(path: str, limit: int) -> str:
-    with open(path, "rb") as f:
-        data = f.read(limit)
-    return data.decode("utf-8", errors="replace")
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _last_line(text: str) -> str | None:
@@ -143,54 +80,87 @@ def _last_line(text: str) -> str | None:
     return lines[-1] if lines else None
 
 
-def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: int = 256 * 1024 * 1024,
-                 max_output_bytes: int = 1024 * 1024) -> ExecutionResult:
-    """Run `code` in a confined child Python process; never raises for anything the code does."""
+def _run(mode: str, code: str, secret: dict | None, entry_point: str, timeout: float,
+         maximum_memory_bytes: int, max_output_bytes: int) -> ExecutionResult:
     root = tempfile.mkdtemp(prefix="nanochat_exec_")
     try:
-        workdir = os.path.join(root, "work")
-        os.mkdir(workdir)
-        program_path = os.path.join(workdir, "program.py")
-        with open(program_path, "w", encoding="utf-8") as f:
-            f.write(code)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-        cpu_seconds = math.ceil(timeout) + 1  # CPU-time backstop; the wall clock below is the real limit
-        argv = [sys.executable, "-I", "-u", "-c", BOOTSTRAP, program_path, str(maximum_memory_bytes),
-                str(cpu_seconds), str(max_output_bytes)]
-        out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True)
-            timed_out = False
-            try:
-                returncode = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own process group
-                except ProcessLookupError:
-                    pass
-                returncode = proc.wait()
-        stdout = _read_capped(out_path, max_output_bytes)
-        stderr = _read_capped(err_path, max_output_bytes)
-        output_full = max(os.path.getsize(out_path), os.path.getsize(err_path)) >= max_output_bytes
+        os.chmod(root, 0o711)  # the sandbox's uid must reach work/ and lib/ inside
+        paths = {name: os.path.join(root, name) for name in ("work", "lib", "stdout", "stderr", "check_log")}
+        os.mkdir(paths["work"], 0o700)
+        os.mkdir(paths["lib"], 0o755)
+        job = {"mode": mode, "code": code, "entry_point": entry_point, "timeout": timeout,
+               "memory": maximum_memory_bytes, "cpu": math.ceil(timeout) + 1, "fsize": max_output_bytes,
+               "nproc": MAX_PROCESSES, "uid_base": SANDBOX_UID_BASE, "workdir": paths["work"], "workdir_bytes": WORKDIR_BYTES,
+               "stage": paths["lib"], "stdout": paths["stdout"], "stderr": paths["stderr"],
+               "check_log": paths["check_log"]}
+        public = repr(job).encode()
+        stdin = f"{len(public)}\n".encode() + public + (repr(secret).encode() if secret else b"")
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # none of our secrets
+        try:
+            proc = subprocess.run([sys.executable, "-I", "-S", SUPERVISOR], input=stdin, capture_output=True,
+                                  env=env, timeout=timeout + 30)
+        except subprocess.TimeoutExpired:  # killed; its program dies with it (PR_SET_PDEATHSIG)
+            return ExecutionResult(False, "", "", f"the sandbox's supervisor did not finish in {timeout + 30} s")
+        stdout = _read_capped(paths["stdout"], max_output_bytes)
+        stderr = _read_capped(paths["stderr"], max_output_bytes)
+        try:
+            report = ast.literal_eval(proc.stdout.decode())
+        except (ValueError, SyntaxError):
+            why = _last_line(proc.stderr.decode(errors="replace")) or f"exit status {proc.returncode}"
+            return ExecutionResult(False, stdout, stderr, f"the sandbox failed: {why}")
+        isolation = report["features"]
+        if not isolation:
+            why = _last_line(proc.stderr.decode(errors="replace")) or _last_line(stderr) or "no report"
+            return ExecutionResult(False, stdout, stderr, f"the sandbox could not start: {why}")
+        output_full = max(os.path.getsize(p) if os.path.exists(p) else 0
+                          for p in (paths["stdout"], paths["stderr"])) >= max_output_bytes
+        returncode = report.get("returncode")
+        memory = MEMORY_ERROR_EXIT in (returncode, report.get("candidate_returncode")) if mode == "check" \
+            else returncode == MEMORY_ERROR_EXIT
 
-        if timed_out:
-            return ExecutionResult(False, stdout, stderr, f"timed out after {timeout} s", timeout=True)
-        if returncode == 0:
-            return ExecutionResult(True, stdout, stderr)
-        if returncode == MEMORY_ERROR_EXIT:
-            return ExecutionResult(False, stdout, stderr, f"memory limit of {maximum_memory_bytes} bytes exceeded",
-                                   memory_exceeded=True)
-        if returncode < 0:  # killed by a signal
+        def failed(error, **flags):
+            return ExecutionResult(False, stdout, stderr, error, isolation=isolation, **flags)
+        if report["timed_out"]:
+            return failed(f"timed out after {timeout} s", timeout=True)
+        if report["ok"]:
+            return ExecutionResult(True, stdout, stderr, isolation=isolation)
+        if memory:
+            return failed(f"memory limit of {maximum_memory_bytes} bytes exceeded", memory_exceeded=True)
+        if mode == "check":
+            log = _read_capped(paths["check_log"], max_output_bytes)
+            return failed(_last_line(log) or f"the checker's exit status is {returncode}")
+        if returncode is not None and returncode < 0:  # killed by a signal
             name = signal.Signals(-returncode).name
             if -returncode == signal.SIGXCPU:
-                return ExecutionResult(False, stdout, stderr, f"CPU time limit reached ({name})", timeout=True)
-            if -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT) and "MemoryError" in stderr:
-                return ExecutionResult(False, stdout, stderr, f"killed by {name} out of memory", memory_exceeded=True)
-            return ExecutionResult(False, stdout, stderr, f"killed by signal {name}")
+                return failed(f"CPU time limit reached ({name})", timeout=True)
+            return failed(f"killed by signal {name}")
         if output_full:
-            return ExecutionResult(False, stdout, stderr, f"output exceeded {max_output_bytes} bytes")
-        return ExecutionResult(False, stdout, stderr, _last_line(stderr) or f"exit status {returncode}")
+            return failed(f"output exceeded {max_output_bytes} bytes")
+        return failed(_last_line(stderr) or f"the program exited before its end (exit status {returncode})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: int = 256 * 1024 * 1024,
+                 max_output_bytes: int = 1024 * 1024) -> ExecutionResult:
+    """Run the program `code` in the sandbox; success means it ran to the end without an exception
+    (a SystemExit or os._exit counts as failure). The program can fake that: see the docstring."""
+    return _run("exec", code, None, "", timeout, maximum_memory_bytes, max_output_bytes)
+
+
+def check_function(code: str, entry_point: str, test: str, setup: str = "", timeout: float = 5.0,
+                   maximum_memory_bytes: int = 256 * 1024 * 1024, max_output_bytes: int = 1024 * 1024) -> ExecutionResult:
+    """Load the module `code` in the sandbox, and run the trusted `setup + test` in a separate
+    checker process, calling `check(candidate)` with the sandboxed `entry_point` as `candidate`
+    (every argument and result must be a literal). Success means `check` returned normally."""
+    return _run("check", code, {"setup": setup, "test": test}, entry_point, timeout, maximum_memory_bytes,
+                max_output_bytes)
+
+
+@functools.cache
+def isolation_level() -> str:
+    """What the sandbox gets on this machine, e.g. "uid netns pidns rofs proc" (printed by evals)."""
+    features = execute_code("pass").isolation
+    missing = [f for f in ALL_FEATURES if f not in features and not (f in ("uid", "userns") and
+                                                                      ("uid" in features or "userns" in features))]
+    return " ".join(features) + (f" (missing: {' '.join(missing)})" if missing else "")

@@ -3,10 +3,12 @@ HumanEval: 164 hand-written Python programming problems with unit tests (Hugging
 `openai/openai_humaneval`). Generative: the model is shown the function signature and docstring
 and writes the code; `evaluate` runs it against the tests in the sandbox (nanochat/execution.py).
 
-The program that is run is `prompt + completion + "\n" + test + "\n" + f"check({entry_point})"`.
-This works whether the model wrote only the body (it continues the prompt) or the whole function
-again (the new definition replaces the prompt's, which is a valid docstring-only function), and
-keeps any helper functions and imports of the prompt. `extract_program` takes the code out of a
+The candidate module is `prompt + completion`. This works whether the model wrote only the body
+(it continues the prompt) or the whole function again (the new definition replaces the prompt's,
+which is a valid docstring-only function), and keeps any helper functions and imports of the
+prompt. The test runs apart from it (`check_function`): a checker process runs `prompt + test`
+and calls `check(candidate)`, the candidate answering through a pipe, so the code under test
+cannot touch the verdict. `extract_program` takes the code out of a
 response with or without ``` fences.
 
     from tasks.humaneval import HumanEval
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from nanochat.execution import execute_code
+from nanochat.execution import check_function
 from tasks.common import Task, load_rows
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -30,11 +32,6 @@ def extract_program(response: str) -> str:
     """The code in a response: the first ``` fenced block if there is one, else the whole text."""
     match = FENCE_RE.search(response)
     return match.group(1) if match else response
-
-
-def build_program(conversation: dict, completion: str) -> str:
-    return (conversation["prompt"] + completion + "\n" + conversation["test"] + "\n"
-            + f"check({conversation['entry_point']})\n")
 
 
 def _check_row(row: dict) -> None:
@@ -63,5 +60,6 @@ class HumanEval(Task):
 
     def evaluate(self, conversation: dict, response: str) -> int:
         """1 if the code in `response` passes the problem's tests in the sandbox."""
-        program = build_program(conversation, extract_program(response))
-        return int(execute_code(program, timeout=self.timeout).success)
+        program = conversation["prompt"] + extract_program(response)
+        return int(check_function(program, conversation["entry_point"], conversation["test"],
+                                  setup=conversation["prompt"], timeout=self.timeout).success)

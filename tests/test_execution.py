@@ -1,16 +1,22 @@
 """
-Tests for nanochat/execution.py: every program really runs in a child Python process; each test
-checks an observable effect (a file that still exists, a variable that is not visible, a wall-clock
-bound), not just the reported flags.
+Tests for nanochat/execution.py (and its supervisor, nanochat/sandbox.py): what a program sees and
+how its result is reported. Every program really runs in the sandbox; each test checks an
+observable effect (captured output, a wall-clock bound, a directory that is gone), not just the
+reported flags. Attacks on the sandbox are in tests/test_sandbox_attacks.py.
 """
 
+import ast
+import math
 import os
-import subprocess
+import sys
 import time
 
 import pytest
 
-from nanochat.execution import execute_code
+from nanochat.execution import ALL_FEATURES, check_function, execute_code, isolation_level
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat"))
+from sandbox import _literal  # noqa: E402 (the supervisor is a script, not a package module)
 
 
 def test_stdout_and_stderr_captured():
@@ -55,72 +61,21 @@ def test_memory_bomb_stopped():
     assert result.memory_exceeded and not result.timeout
 
 
-def test_deleting_files_outside_is_blocked(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    (folder / "inside.txt").write_text("also precious")
-    attempts = [
-        f"import os\nos.remove({str(victim)!r})",
-        f"import os\nos.unlink({str(victim)!r})",
-        f"import pathlib\npathlib.Path({str(victim)!r}).unlink()",
-        f"import shutil\nshutil.rmtree({str(folder)!r})",
-        f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
-        f"open({str(victim)!r}, 'w').write('overwritten')",
-        f"import os\nos.truncate({str(victim)!r}, 0)",
-        f"import os\nfd = os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)",
-        f"import pathlib\npathlib.Path({str(victim)!r}).write_text('overwritten')",
-        f"import os\nos.chmod({str(victim)!r}, 0)",
-    ]
-    for code in attempts:
-        result = execute_code(code)
-        assert not result.success, code
-        assert "PermissionError" in result.error, (code, result.error)
-    assert victim.read_text() == "precious" and (victim.stat().st_mode & 0o400)
-    assert (folder / "inside.txt").read_text() == "also precious"
-
-
-def test_processes_cannot_be_started(tmp_path):
-    canary = tmp_path / "canary"
-    attempts = [
-        f"import os\nos.system('touch {canary}')",
-        f"import subprocess\nsubprocess.run(['touch', {str(canary)!r}])",
-        f"import subprocess\nsubprocess.Popen(['touch', {str(canary)!r}])",
-        f"import subprocess\nsubprocess.check_output('touch {canary}', shell=True)",
-        f"import os\nos.popen('touch {canary}')",
-        "import os\nos.fork()",
-        f"import os\nos.execv('/usr/bin/touch', ['touch', {str(canary)!r}])",
-        f"import os\nos.posix_spawn('/usr/bin/touch', ['touch', {str(canary)!r}], {{}})",
-        "import ctypes",
-        "import multiprocessing",
-        f"import posix\nposix.system('touch {canary}')",
-    ]
-    for code in attempts:
-        result = execute_code(code)
-        assert not result.success, code
-    assert not canary.exists()
-
-
-def test_signals_cannot_be_sent():
-    bystander = subprocess.Popen(["sleep", "30"])
-    try:
-        for code in (f"import os\nos.kill({bystander.pid}, 9)", f"import os\nos.killpg({bystander.pid}, 9)"):
-            result = execute_code(code)
-            assert not result.success and "PermissionError" in result.error
-        time.sleep(0.1)
-        assert bystander.poll() is None  # still running
-    finally:
-        bystander.kill()
-        bystander.wait()
-
-
 def test_environment_is_scrubbed(monkeypatch):
     monkeypatch.setenv("NANOCHAT_TEST_SECRET", "hunter2")
     result = execute_code("import os\nprint(sorted(os.environ))\nprint(os.environ.get('NANOCHAT_TEST_SECRET'))")
     assert result.success
     assert "hunter2" not in result.stdout and "NANOCHAT_TEST_SECRET" not in result.stdout
     assert result.stdout.splitlines()[-1] == "None"
+
+
+def test_workdir_is_private_and_writable():
+    code = ("import os\nopen('a.txt', 'w').write('x' * 1000)\nos.mkdir('d')\nos.rename('a.txt', 'd/b.txt')\n"
+            "print(os.listdir('.'), os.path.getsize('d/b.txt'))\nimport tempfile\nprint(tempfile.gettempdir())")
+    result = execute_code(code)
+    assert result.success, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['d'] 1000" and lines[1].endswith("/work")
 
 
 def test_no_stdin_and_temp_workdir_removed():
@@ -136,6 +91,84 @@ def test_output_is_capped():
     result = execute_code("print('x' * 10 ** 7)", max_output_bytes=100_000)
     assert not result.success and "output exceeded" in result.error
     assert len(result.stdout) <= 100_000
+
+
+def test_check_function_passes_and_fails():
+    code = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n    return a + b\n'
+    test = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(b=1, a=-1) == 0\n"
+    assert check_function(code, "add", test).success
+    result = check_function(code.replace("a + b", "a - b"), "add", test)
+    assert not result.success and result.error == "AssertionError"
+
+
+def test_check_function_setup_runs_in_the_checker():
+    """HumanEval/32's test calls `poly`, a helper of the prompt: the checker runs the prompt first,
+    so the candidate cannot redefine the helper the test relies on."""
+    setup = "def double(x):\n    return 2 * x\n\ndef f(x):\n    pass\n"
+    test = "def check(candidate):\n    assert candidate(3) == double(3)\n"
+    assert check_function(setup + "def f(x):\n    return 6\n", "f", test, setup=setup).success
+    cheat = "def double(x):\n    return 0\n\ndef f(x):\n    return 0\n"
+    assert not check_function(cheat, "f", test, setup=setup).success
+
+
+@pytest.mark.parametrize("value", ["1", "-2.5", "float('inf')", "-float('inf')", "[1, (2, 3), {4: 'x'}]", "set()",
+                                   "{1, 2}", "1 + 2j", "None", "True", "b'x\\x00'", "'a\\nb\\'\"'", "((),)", "{}"])
+def test_results_cross_the_pipe_as_literals(value):
+    test = f"def check(candidate):\n    assert repr(candidate({value})) == repr({value})\n"
+    result = check_function("def f(x):\n    return x\n", "f", test)
+    assert result.success, result.error
+
+
+def test_nan_crosses_the_pipe():
+    test = "import math\ndef check(candidate):\n    assert math.isnan(candidate()[0])\n"
+    assert check_function("def f():\n    return [float('nan')]\n", "f", test).success
+
+
+@pytest.mark.parametrize("code,error", [
+    ("def f(x):\n    return object()\n", "the candidate's reply is not a literal"),
+    ("def f(x):\n    return lambda: 1\n", "the candidate's reply is not a literal"),
+    ("def f(x):\n    raise ValueError('no')\n", "the candidate raised ValueError: no"),
+    ("def f(x):\n    import sys\n    sys.exit(0)\n", "the candidate raised SystemExit: 0"),
+    ("def f(x) return\n", "the candidate's process ended"),  # a syntax error: nothing answers
+    ("def g(x):\n    return 1\n", "the candidate raised TypeError"),  # no entry point
+    ("import os\nos._exit(0)\n", "the candidate's process ended"),
+])
+def test_check_function_failures(code, error):
+    result = check_function(code, "f", "def check(candidate):\n    assert candidate(1) == 1\n")
+    assert not result.success and error in result.error, result.error
+
+
+def test_check_function_memory_and_timeout():
+    result = check_function("def f():\n    return bytearray(2 * 1024 ** 3)\n", "f",
+                            "def check(candidate):\n    candidate()\n")
+    assert not result.success and "MemoryError" in result.error
+    t0 = time.time()
+    result = check_function("def f():\n    while True:\n        pass\n", "f", "def check(candidate):\n    candidate()\n",
+                            timeout=1.0)
+    assert result.timeout and not result.success and time.time() - t0 < 4.0
+
+
+def test_literal_agrees_with_ast_literal_eval():
+    """The supervisor's own literal parser (it avoids importing ast) against the reference."""
+    values = [0, -1, 2 ** 100, 1.5, -0.0, 1e300, 3j, -1 - 2j, "x", "é\n", b"\xff", None, False,
+              [1, [2, [3]]], (1,), {"a": (1, 2), 3: [None]}, {1, 2}, [], {}, ()]
+    for value in values:
+        assert _literal(repr(value)) == ast.literal_eval(repr(value)), value
+    assert math.isinf(_literal("inf")) and math.isnan(_literal("nan")) and _literal("set()") == set()
+    for text in ["f()", "x", "1 * 2", "__import__('os')", "{**a}", "-'a'", "[i for i in ()]", "2 ** 10000"]:
+        with pytest.raises((ValueError, SyntaxError)):
+            _literal(text)
+        with pytest.raises((ValueError, SyntaxError)):
+            ast.literal_eval(text)
+
+
+def test_isolation_level_reported():
+    level = isolation_level()
+    features = execute_code("pass").isolation
+    assert level.split(" (")[0] == " ".join(features)
+    if os.geteuid() == 0:  # this machine as root: everything is granted
+        assert features == ["uid", "netns", "pidns", "rofs", "proc"] and "missing" not in level
+    assert set(features) <= set(ALL_FEATURES) or any(f.startswith("no-namespaces") for f in features)
 
 
 def test_humaneval_style_program_passes_and_fails():
