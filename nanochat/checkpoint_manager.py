@@ -33,7 +33,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir, print0
+from nanochat.common import atomic_write, base_dir_path, print0
 
 logger = logging.getLogger("nanochat")
 
@@ -155,7 +155,7 @@ def load_model(source: str, device: torch.device | str, phase: str, model_tag: s
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)} (got {source!r})")
     dirname, producer = SOURCES[source]
-    checkpoints_dir = os.path.join(get_base_dir(), dirname)
+    checkpoints_dir = os.path.join(base_dir_path(), dirname)  # reading: never create the base dir
     try:
         model_tag = model_tag or find_largest_model(checkpoints_dir)
         checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
@@ -175,7 +175,7 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
     optimizer_data is None unless resuming; checkpoint_dir is where the stage saves; start =
     {"source", "model_tag", "step"} names the model the stage began from, and the stage keeps it
     in its checkpoints' meta (as "start_source") so a resumed run still knows."""
-    checkpoints_root = os.path.join(get_base_dir(), SOURCES[stage][0])
+    checkpoints_root = os.path.join(base_dir_path(), SOURCES[stage][0])
     if resume_from_step >= 0:
         checkpoint_dir = os.path.join(checkpoints_root, model_tag or find_largest_model(checkpoints_root))
         print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
@@ -185,6 +185,6 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
         return model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"]
     model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
                                         step=None if step < 0 else step)
-    model_tag = model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0]))
+    model_tag = model_tag or find_largest_model(os.path.join(base_dir_path(), SOURCES[source][0]))
     start = {"source": source, "model_tag": model_tag, "step": meta["step"]}
     return model, tokenizer, meta, None, os.path.join(checkpoints_root, model_tag), start

@@ -52,7 +52,7 @@ import socket
 import subprocess
 import sys
 
-from nanochat.common import get_base_dir, get_dist_info
+from nanochat.common import base_dir_path, get_dist_info
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -291,11 +291,15 @@ def plot_training_curve(history_path: str, png_path: str) -> bool:
 
 
 class Report:
-    """Section files under `report_dir`. Used on rank 0 only (see get_report)."""
+    """Section files under `report_dir`. Used on rank 0 only (see get_report). The folder is made on
+    the first write, so a stage that stops early leaves nothing behind."""
 
     def __init__(self, report_dir: str):
-        os.makedirs(report_dir, exist_ok=True)
         self.report_dir = report_dir
+
+    def _dir(self) -> str:
+        os.makedirs(self.report_dir, exist_ok=True)
+        return self.report_dir
 
     def log(self, section: str, data: list) -> str:
         """Write (overwrite) this stage's section; returns its path."""
@@ -310,19 +314,19 @@ class Report:
             else:
                 out.append(str(item))
             out.append("")
-        path = os.path.join(self.report_dir, f"{slugify(section)}.md")
+        path = os.path.join(self._dir(), f"{slugify(section)}.md")
         _write_atomic(path, "\n".join(out))
         return path
 
     def log_history(self, row: dict, name: str = "base_train") -> None:
         """Append one row (must include "step") to report/<name>_history.jsonl."""
         assert "step" in row, "a history row needs a 'step'"
-        with open(os.path.join(self.report_dir, f"{name}_history.jsonl"), "a", encoding="utf-8") as f:
+        with open(os.path.join(self._dir(), f"{name}_history.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def reset(self) -> str:
         """Delete the previous run's sections, history and report; write a fresh header."""
-        for name in os.listdir(self.report_dir):
+        for name in os.listdir(self._dir()):
             if name.endswith((".md", ".jsonl", ".png")):
                 os.remove(os.path.join(self.report_dir, name))
         path = os.path.join(self.report_dir, "header.md")
@@ -330,7 +334,8 @@ class Report:
         return path
 
     def _section_files(self) -> list[str]:
-        present = {n[:-3] for n in os.listdir(self.report_dir) if n.endswith(".md")} - {"header", "report"}
+        names = os.listdir(self.report_dir) if os.path.isdir(self.report_dir) else []
+        present = {n[:-3] for n in names if n.endswith(".md")} - {"header", "report"}
         known = [slugify(s) for s in SECTION_ORDER]
         return [s for s in known if s in present] + sorted(present - set(known))
 
@@ -377,7 +382,7 @@ class Report:
             plot = [f"![training curve]({png_ref})", ""] if has_plot else []
             return header.rstrip() + "\n\n" + "\n".join(summary + plot) + "\n" + "\n".join(sections)
 
-        report_path = os.path.join(self.report_dir, "report.md")
+        report_path = os.path.join(self._dir(), "report.md")
         _write_atomic(report_path, assemble("training_curve.png"))
         if cwd_copy:
             cwd_path = os.path.abspath("report.md")
@@ -405,7 +410,7 @@ class DummyReport:
 def get_report() -> Report | DummyReport:
     """The report under <base>/report on rank 0, a no-op elsewhere."""
     if get_dist_info()[1] == 0:
-        return Report(os.path.join(get_base_dir(), "report"))
+        return Report(os.path.join(base_dir_path(), "report"))
     return DummyReport()
 
 
@@ -416,6 +421,9 @@ if __name__ == "__main__":
     report = get_report()
     if sys.argv[1] == "reset":
         print(f"report reset: header written to {report.reset()}")
+    elif not report._section_files():
+        sys.exit(f"report generate: nothing to report: no stage has written a section to {report.report_dir} "
+                 f"yet (run the pipeline, e.g. `bash speedrun.sh`, or a stage such as scripts.base_train)")
     else:
         path = report.generate()
         print(f"report written to {path} and copied to {os.path.abspath('report.md')}")

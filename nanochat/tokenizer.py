@@ -36,7 +36,7 @@ from collections.abc import Iterable
 import tiktoken
 import torch
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_write, base_dir_path
 
 # GPT-4's pre-tokenisation regex with digit runs capped at two (\p{N}{1,2}).
 SPLIT_PATTERN = (
@@ -283,7 +283,7 @@ def compute_token_bytes(tokenizer: RustBPETokenizer) -> torch.Tensor:
 
 
 def get_tokenizer_dir() -> str:
-    return os.path.join(get_base_dir(), "tokenizer")
+    return os.path.join(base_dir_path(), "tokenizer")  # not created here: save() makes it
 
 
 def get_tokenizer() -> RustBPETokenizer:

@@ -18,8 +18,9 @@ import os
 import time
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import base_dir_path, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle_dir, load_bundle
+from nanochat.download import DownloadError
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.report import get_report
 
@@ -43,14 +44,14 @@ if cfg.device_batch_size < 1:
 
 compute = compute_init(cfg.device_type)
 print_flags(cfg, DEFAULTS)
-try:  # a missing or malformed bundle, or no checkpoint: one line saying what to do, no traceback
-    bundle_dir = cfg.eval_bundle or get_eval_bundle_dir()
-    tasks = load_bundle(bundle_dir)  # fails before the model is loaded
+try:  # no checkpoint, or a missing, malformed or undownloadable bundle: one line saying what to do
     model, tokenizer, meta = load_model("base", compute.device, phase="eval", model_tag=cfg.model_tag or None,
-                                        step=cfg.step if cfg.step >= 0 else None)
-except (BundleError, FileNotFoundError) as e:
+                                        step=cfg.step if cfg.step >= 0 else None)  # before any download
+    bundle_dir = cfg.eval_bundle or get_eval_bundle_dir()
+    tasks = load_bundle(bundle_dir)
+except (BundleError, FileNotFoundError, DownloadError) as e:
     raise SystemExit(f"base_eval: {e}") from None
-model_tag = cfg.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES["base"][0]))  # the one loaded
+model_tag = cfg.model_tag or find_largest_model(os.path.join(base_dir_path(), SOURCES["base"][0]))  # the one loaded
 step = meta["step"]
 print0(f"base model {model_tag} at step {step}; eval bundle {bundle_dir} ({len(tasks)} tasks)")
 

@@ -38,6 +38,8 @@ def test_reset_sections_generate(base_dir, tmp_path, monkeypatch):
     report = get_report()
     assert isinstance(report, Report)
     report_dir = base_dir / "report"
+    assert not report_dir.exists()  # made on the first write, not by get_report()
+    report_dir.mkdir()
     (report_dir / "stale-section.md").write_text("## Stale\n- CORE: 0.9\n")  # from a previous run
     report.reset()
     assert sorted(os.listdir(report_dir)) == ["header.md"]
@@ -131,6 +133,10 @@ def test_cli(base_dir, tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "nanochat.report", *args], cwd=tmp_path, env=env,
                                        capture_output=True, text=True, timeout=120)
     assert run("reset").returncode == 0 and (base_dir / "report" / "header.md").exists()
+    empty = run("generate")  # nothing to report yet: says so, fails, writes nothing
+    assert empty.returncode == 1 and "nothing to report" in empty.stderr and "Traceback" not in empty.stderr
+    assert not (tmp_path / "report.md").exists()
+    Report(str(base_dir / "report")).log("Base model loss", [{"train bpb": 1.0}])
     out = run("generate")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "report.md").exists() and (base_dir / "report" / "report.md").exists()
