@@ -17,11 +17,14 @@ blocks [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> `lm_head` -> 15·tanh
   n_kv_head < n_head (n_kv_head = 1 is multi-query).
 - MLP 4x wide with ReLU² (relu(x)**2: cheap, and it trains better than GELU in small-model
   speedruns such as modded-nanogpt).
-- Logits soft-capped at 15 in fp32, so bf16 logits can neither overflow nor grow without bound.
+- Logits soft-capped at 15 (in the matmul's dtype, as the reference; then fp32 for the loss), so
+  logits can neither overflow bf16 nor grow without bound.
 
-All parameters stay fp32 on every device; under bf16 autocast the matmuls run in bf16. (The original
-stored the embedding in bf16 on CUDA to save memory; fp32 is at least as accurate, and AdamW's
-small updates to it are not rounded away.)
+Parameters are fp32, except the embedding when `init_weights(embedding_dtype=torch.bfloat16)`: the
+reference's CUDA layout (the caller decides: `Compute.compute_dtype` in nanochat/common.py). With a
+bf16 embedding the residual stream is bf16 under autocast, which is what saves activation memory
+(1.10x the reference's peak at d20 with fp32); an fp32 embedding keeps AdamW's small updates to it
+from being rounded away. Under bf16 autocast the matmuls run in bf16 either way.
 
 This file never looks at ranks or devices: gradient synchronisation lives in the optimisers
 (nanochat/dist_optim.py), device choice in nanochat/common.py. Parameter names follow the original
@@ -178,8 +181,9 @@ class GPT(nn.Module):
         self.fused_loss = True  # see use_fused_loss()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Set every parameter and buffer (after `to_empty`, all of them hold garbage)."""
+    def init_weights(self, embedding_dtype: torch.dtype = torch.float32) -> None:
+        """Set every parameter and buffer (after `to_empty`, all of them hold garbage), and store the
+        embedding in `embedding_dtype` (bf16: the reference's CUDA layout)."""
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         # Uniform in ±√3/√n_embd has std 1/√n_embd, like a normal init, without its outliers.
@@ -192,6 +196,7 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
         head_dim = self.config.n_embd // self.config.n_head
         self.cos, self.sin = precompute_rotary(self.rotary_seq_len, head_dim, device=self.lm_head.weight.device)
+        self.transformer.wte.to(dtype=embedding_dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
                 loss_reduction: str = "mean") -> torch.Tensor:
@@ -213,8 +218,10 @@ class GPT(nn.Module):
                 return losses.view(B, T)
             assert loss_reduction in ("mean", "sum"), f"loss_reduction must be mean, sum or none ({loss_reduction!r})"
             return losses.sum() if loss_reduction == "sum" else losses.sum() / (targets != -1).sum()
-        logits = self.lm_head(x).float()  # (B, T, V), fp32 even under bf16 autocast
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = self.lm_head(x)  # (B, T, V), bf16 under autocast or with bf16 weights
+        # soft-cap in that dtype, then fp32 for the loss (the reference's order: the tanh keeps a
+        # bf16 copy for backward, not an fp32 one; |logits| <= 15 cannot overflow bf16)
+        logits = (softcap * torch.tanh(logits / softcap)).float()
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
