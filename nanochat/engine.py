@@ -349,7 +349,14 @@ class Engine:
                 return
             ids = torch.tensor(token_column + padding, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
             with self._precision():
-                logits = step(self.model, ids, cache)[:num_samples]  # (N, V)
+                try:
+                    logits = step(self.model, ids, cache)[:num_samples]  # (N, V)
+                except Exception as e:  # e.g. CUDA graphs refused in this thread: the same step, eagerly
+                    if step is _decode_step:
+                        raise
+                    logger.warning(f"compiled decode step failed ({type(e).__name__}: {e}); decoding eagerly")
+                    self.compile_decode, step = False, _decode_step
+                    logits = step(self.model, ids, cache)[:num_samples]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Full sequences (prompt included, stop token excluded) and masks (0 for the prompt and for
