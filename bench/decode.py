@@ -25,6 +25,7 @@ The weights are random (normal / sqrt(fan_in)): speed does not depend on them.
 
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -35,6 +36,7 @@ from nanochat.engine import Engine
 from nanochat.flags import parse_flags
 from nanochat.tokenizer import RustBPETokenizer
 
+sys.argv = [a if a != "--json" else "--json=1" for a in sys.argv]  # a bare --json, as documented
 cfg = parse_flags(dict(device="", depth=4, vocab_size=65536, batches="1,8,32", contexts="256,1024,2048",
                        tokens=-1, eager_tokens=-1, json=0, compile_decode=-1), doc=__doc__)
 compute = compute_init(cfg.device)

@@ -157,8 +157,8 @@ class KVCache:
         B, T = k.size(0), k.size(2)
         positions = self.positions(T)  # (T,)
         keys, values = self.k[layer_idx, :B], self.v[layer_idx, :B]  # (B, H, max_len, D) views
-        keys.index_copy_(2, positions, k.to(keys.dtype))
-        values.index_copy_(2, positions, v.to(values.dtype))
+        keys[:, :, positions] = k.to(keys.dtype)  # in place (an index_put_ that compilers keep in place)
+        values[:, :, positions] = v.to(values.dtype)
         mask = self.arange[None, :] <= positions[:, None]  # (T, max_len): itself and everything before
         if layer_idx == self.num_layers - 1:
             self.pos.add_(T)
