@@ -85,7 +85,7 @@ for i in "${!NAMES[@]}"; do
     if [ "$rc" = 0 ]; then STATUS[$i]=PASS; elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then STATUS[$i]="FAIL (timeout)"; else STATUS[$i]="FAIL (rc $rc)"; fi
 done
 
-row() { grep -m1 "^$2" "$LOGDIR/$1.log" 2>/dev/null | sed "s/^$2 *//"; }
+row() { grep -m1 "^$2" "$LOGDIR/$1.log" 2>/dev/null | awk -F'  +' '{print $2}'; }  # name, 2+ spaces, value
 echo; echo "=== training, side by side (d$DEPTH, batch $BATCH x $SEQ)"
 printf "%-28s %-28s %-28s\n" "" "bf16 embedding (default)" "--fp32_embedding=1"
 for key in "embedding dtype" "step time (median)" "tokens/s" "MFU vs" "peak memory"; do
