@@ -54,6 +54,7 @@ DEFAULTS = dict(
     steps=3,  # timed steps
     warmup_steps=1,
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
+    fp32_embedding=0,  # 1: keep the embedding (and the residual stream) fp32 on CUDA; 0: bf16 there, as the reference
     fused_loss=1,  # 1: the model's default (fused head + loss in eager fp32), 0: the plain path
     matmul_size=4096,  # side of the square matmul that measures the peak
     threads=0,  # torch intra-op threads on the CPU; 0 = torch's default
@@ -96,7 +97,7 @@ config = GPTConfig.from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len
 with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
-model.init_weights()
+model.init_weights(embedding_dtype=torch.float32 if cfg.fp32_embedding else compute.compute_dtype)
 orig_model = model
 model.fused_loss = bool(cfg.fused_loss)
 compiled = cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda")
@@ -158,6 +159,7 @@ with compute.autocast():
     head_loss = "fused" if orig_model.use_fused_loss(hidden) and not compiled else "plain"
 rows = [
     ("tokens per step", f"{tokens_per_step:,}"),
+    ("embedding dtype", str(orig_model.transformer.wte.weight.dtype).removeprefix("torch.")),
     ("head + loss (nanochat/fused_loss.py)", f"{head_loss}{', compiled' if compiled else ''}"),
     ("step time (median)", f"{step_time * 1000:.0f} ms"),
     ("  forward + backward", f"{fwdbwd * 1000:.0f} ms ({100 * fwdbwd / step_time:.0f}%)"),
@@ -170,6 +172,7 @@ rows = [
 if device_type == "cuda":
     rows.append(("bf16 data-sheet peak", f"{sheet_peak / 1e12:.0f} TFLOP/s" if sheet_peak else "unknown device"))
 rows.append((f"MFU vs {peak_name}", f"{100 * achieved / peak:.1f}%" if peak else "n/a"))
+rows.append(("peak memory (max_memory_allocated; CPU: peak RSS)", f"{compute.max_memory_allocated() / 1e9:.2f} GB"))
 if device_type == "cpu":
     rows.append(("threads, OMP_WAIT_POLICY", f"{torch.get_num_threads()}, {os.environ.get('OMP_WAIT_POLICY', 'unset')}"))
 rows.append(("load average before, after", f"{load_before:.1f}, {os.getloadavg()[0]:.1f}"))

@@ -132,6 +132,12 @@ class Compute:
     def master_process(self) -> bool:
         return self.rank == 0
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 on CUDA, fp32 elsewhere: the dtype of the embedding in training (the reference's
+        layout: the residual stream is then bf16 under autocast) and of the weights for inference."""
+        return torch.bfloat16 if self.device_type == "cuda" else torch.float32
+
     def autocast(self):
         """bf16 autocast on CUDA; full precision (a no-op context) elsewhere."""
         if self.device_type == "cuda":

@@ -8,11 +8,19 @@ calculator tool the model may call in the middle of a reply.
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
 Design choices:
-- `KVCache` keeps every layer's keys and values for a batch and grows them by concatenation along
-  the time axis, so no resize can ever scramble data. The model calls `insert_kv(layer, k, v)` in
-  each attention layer and reads back all keys/values so far; the position advances after the
-  last layer. `prefill(other)` copies a batch-1 cache into every row of a batch-N cache.
-- `generate` runs the prompt once with batch 1, replicates the cache to `num_samples` rows, and
+- `KVCache` is preallocated, in the reference's shape: per layer (batch, kv_heads, max_len,
+  head_dim) in the model's dtype, with the write position in a device tensor. Attention reads the
+  whole cache through a length mask, so no shape changes while decoding and a captured step
+  replays at any position. The Engine sizes it for the whole request (prompt + max_tokens) and
+  refuses, with a clear error, a request past the model's rotary tables: never a wrap.
+- On CUDA (`compile_decode`, default on there) the one-token step is compiled with
+  `torch.compile(mode="reduce-overhead")` (CUDA graphs), with static batch buckets 1, 2, 4, ..., 64
+  and one cache of `sequence_len` positions per bucket; `warmup(batch_sizes)` builds them ahead of
+  time. CPU and MPS decode eagerly. Weights already in bf16 (inference on CUDA) run without
+  autocast; fp32 weights (training, RL) under the caller's autocast.
+- Per step, the tokens are sampled on the device and one column of token ids comes to the host
+  (the tool-use state machine and streaming need it): no other host sync.
+- `generate` runs the prompt once with batch 1 (into row 0), copies it to `num_samples` rows, and
   samples the **first token of every row independently** from the prompt's last logits (sampling
   it once and broadcasting would make every sample start alike). Temperature 0 is argmax; top-k
   keeps the k largest logits, then softmax; a seeded torch.Generator makes runs repeatable.
@@ -33,6 +41,8 @@ Design choices:
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
 import math
 import time
 from collections import deque
@@ -40,6 +50,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # The calculator
@@ -111,42 +123,51 @@ def use_calculator(expr: str, timeout: float = 0.5) -> str | None:
 
 
 class KVCache:
-    """Per-layer keys and values for `batch_size` sequences, grown by concatenation.
+    """Preallocated keys and values: per layer (batch_size, num_kv_heads, max_len, head_dim) in the
+    model's dtype, and the write position as a device tensor.
 
-    Protocol with the model (nanochat/gpt.py): each attention layer calls
-    `insert_kv(layer_idx, k, v)` with the new positions' k, v of shape (B, H, T_new, D) and gets
-    back all keys and values so far, (B, H, T_cache + T_new, D); after the last layer the position
-    advances by T_new. `get_pos()` is the number of positions cached (the rotary offset)."""
+    Protocol with the model (nanochat/gpt.py): `positions(T)` gives the new tokens' positions;
+    each attention layer calls `insert_kv(layer_idx, k, v)` with k, v (B, H, T, D), B <= batch_size
+    (a batch-1 prompt goes into row 0), and gets back the layer's whole cache for those rows with
+    a mask (T, max_len) of the positions each new token may attend to. After the last layer the
+    position advances by T. Nothing here reads the device to the host, and no shape depends on the
+    position, so a compiled step replays at every position.
+    Positions past `max_len` are an error (index out of range), never a wrap: the Engine sizes the
+    cache for the whole request, and refuses a request it cannot fit."""
 
-    def __init__(self, batch_size: int, num_layers: int):
-        self.batch_size, self.num_layers = batch_size, num_layers
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.pos = 0
+    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.batch_size, self.num_layers, self.max_len = batch_size, num_layers, max_len
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions cached so far
+        self.arange = torch.arange(max_len, device=device)  # (max_len,)
+        for t in (self.k, self.v, self.pos, self.arange):  # fixed addresses: a CUDA graph may keep them
+            torch._dynamo.mark_static_address(t)
 
-    def get_pos(self) -> int:
-        return self.pos
+    def reset(self) -> None:
+        self.pos.zero_()
 
-    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert k.shape == v.shape and k.size(0) == self.batch_size, \
-            f"k/v of shape {tuple(k.shape)}/{tuple(v.shape)} for a cache of batch size {self.batch_size}"
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = k, v
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)  # (B, H, T_cache + T_new, D)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos + self.arange[:T]  # (T,)
+
+    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T = k.size(0), k.size(2)
+        positions = self.positions(T)  # (T,)
+        keys, values = self.k[layer_idx, :B], self.v[layer_idx, :B]  # (B, H, max_len, D) views
+        keys[:, :, positions] = k.to(keys.dtype)  # in place (an index_put_ that compilers keep in place)
+        values[:, :, positions] = v.to(values.dtype)
+        mask = self.arange[None, :] <= positions[:, None]  # (T, max_len): itself and everything before
         if layer_idx == self.num_layers - 1:
-            self.pos += k.size(2)
-        return self.keys[layer_idx], self.values[layer_idx]
+            self.pos.add_(T)
+        return keys, values, mask
 
-    def prefill(self, other: KVCache) -> None:
-        """Copy a batch-1 cache into every row of this (empty) cache."""
-        assert other.batch_size == 1 and other.num_layers == self.num_layers and self.pos == 0, \
-            "prefill copies a batch-1 cache with as many layers into an empty cache"
-        for i in range(self.num_layers):
-            self.keys[i] = other.keys[i].expand(self.batch_size, -1, -1, -1).clone()  # (B, H, T, D)
-            self.values[i] = other.values[i].expand(self.batch_size, -1, -1, -1).clone()
-        self.pos = other.pos
+    def replicate_first_row(self, length: int) -> None:
+        """Copy row 0's first `length` positions into every other row (after a batch-1 prefill)."""
+        self.k[:, 1:, :, :length] = self.k[:, :1, :, :length]
+        self.v[:, 1:, :, :length] = self.v[:, :1, :, :length]
 
 
 # -----------------------------------------------------------------------------
@@ -177,15 +198,34 @@ class _RowState:
         self.done = False
 
 
-class Engine:
-    """Streams completions of a prompt from `model` (a GPT accepting `kv_cache=`), with tool use."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # static batch sizes of the compiled decode step
 
-    def __init__(self, model, tokenizer):
+
+def _decode_step(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row: ids (B, 1) -> next-token logits (B, V). Compiled on CUDA."""
+    return model(ids, kv_cache=cache)[:, -1, :]
+
+
+class Engine:
+    """Streams completions of a prompt from `model` (a GPT accepting `kv_cache=`), with tool use.
+
+    compile_decode: None = on for CUDA, off elsewhere. When on, each batch bucket gets one cache of
+    `sequence_len` positions, kept for the engine's life (d20: ~210 MB per row in bf16), and the
+    one-token step is compiled with torch.compile(mode="reduce-overhead"): CUDA graphs there.
+    A request that does not fit a bucket (more than 64 rows, or longer than sequence_len) runs
+    eagerly with a cache sized for it. One generation at a time per Engine."""
+
+    def __init__(self, model, tokenizer, compile_decode: bool | None = None, batch_buckets=BATCH_BUCKETS):
         self.model, self.tokenizer = model, tokenizer
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.device = next(model.parameters()).device
+        self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self._static = {}  # (bucket, dtype) -> KVCache of sequence_len positions, warmed up
+        self._compiled = None
 
     def _step_row(self, state: _RowState, token: int) -> None:
         """Advance one row's tool-use state machine after it emitted `token`."""
@@ -201,31 +241,99 @@ class Engine:
         elif state.in_python:
             state.python_tokens.append(token)
 
+    def _cache_dtype(self) -> torch.dtype:
+        """What k and v are: the autocast dtype under autocast, else the weights' dtype."""
+        if torch.is_autocast_enabled(self.device.type):
+            return torch.get_autocast_dtype(self.device.type)
+        return next(self.model.parameters()).dtype
+
+    def _precision(self):
+        """Weights already in a 16-bit dtype (inference on CUDA): no autocast, nothing to cast.
+        fp32 weights (training, RL's sampler) keep the caller's autocast."""
+        low = next(self.model.parameters()).dtype != torch.float32
+        return torch.autocast(self.device.type, enabled=False) if low else contextlib.nullcontext()
+
+    def _new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        cfg = self.model.config
+        head_dim = cfg.n_embd // cfg.n_head
+        return KVCache(batch_size, cfg.n_layer, cfg.n_kv_head, head_dim, max_len, self.device, dtype)
+
+    def _static_cache(self, bucket: int, dtype: torch.dtype) -> KVCache | None:
+        """The bucket's cache, compiled and warmed up on first use; None if compiling failed."""
+        key = (bucket, dtype)
+        if key not in self._static:
+            cache = self._new_cache(bucket, self.model.config.sequence_len, dtype)
+            if self._compiled is None:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on CUDA
+                self._compiled = torch.compile(_decode_step, mode=mode, dynamic=False)
+            try:
+                ids = torch.zeros((bucket, 1), dtype=torch.long, device=self.device)
+                for _ in range(3):  # trace, then CUDA-graph record, then replay
+                    with self._precision():
+                        self._compiled(self.model, ids, cache)
+                cache.reset()
+            except Exception as e:  # a broken compiler must not take serving down: decode eagerly
+                logger.warning(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly")
+                self.compile_decode = False
+                return None
+            self._static[key] = cache
+        return self._static[key]
+
+    @torch.inference_mode()
+    def warmup(self, batch_sizes=(1,)) -> float:
+        """Compile and capture the decode step for the buckets of these batch sizes, so that no
+        request waits for it. Returns the seconds it took (0 when compile_decode is off)."""
+        t0 = time.perf_counter()
+        if self.compile_decode:
+            for n in batch_sizes:
+                bucket = next((b for b in self.batch_buckets if b >= n), None)
+                if bucket is not None:
+                    self._static_cache(bucket, self._cache_dtype())
+        return time.perf_counter() - t0
+
     @torch.inference_mode()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42
                  ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield (token_column, mask_column), lists of num_samples ints, one step at a time."""
+        """Yield (token_column, mask_column), lists of num_samples ints, one step at a time.
+        max_tokens None: until every row stops or the context (sequence_len) is full."""
         assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), \
             "tokens must be a non-empty list of token ids"
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device)
+        cfg = self.model.config
+        if max_tokens is None:
+            max_tokens = max(1, cfg.sequence_len - len(tokens))
+        needed = len(tokens) + max_tokens  # positions the cache must hold (the last token is never fed)
+        limit = getattr(self.model, "rotary_seq_len", needed)
+        if needed > limit:
+            raise ValueError(f"a prompt of {len(tokens)} tokens plus max_tokens={max_tokens} needs {needed} "
+                             f"positions; the model has {limit} (10x its sequence_len): shorten one of them")
+        generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
-        num_layers = self.model.config.n_layer
+        dtype = self._cache_dtype()
+        bucket = next((b for b in self.batch_buckets if b >= num_samples), None)
+        cache = None
+        if self.compile_decode and bucket is not None and needed <= cfg.sequence_len:
+            cache = self._static_cache(bucket, dtype)
+        if cache is not None:
+            step, rows_fed = self._compiled, bucket  # rows past num_samples are padding
+        else:
+            cache = self._new_cache(num_samples, needed, dtype)
+            step, rows_fed = _decode_step, num_samples
+        cache.reset()
 
-        # prefill the prompt once, with batch 1
-        prefill_cache = KVCache(batch_size=1, num_layers=num_layers)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
-        cache = KVCache(batch_size=num_samples, num_layers=num_layers)
-        cache.prefill(prefill_cache)
-        del prefill_cache
+        # prefill the prompt once, into row 0, then copy it to every row
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, T)
+        with self._precision():
+            logits = self.model(ids, kv_cache=cache)[:, -1, :]  # (1, V)
+        cache.replicate_first_row(len(tokens))
         # every row samples its own first token from the same last logits
         logits = logits.expand(num_samples, -1)  # (N, V)
 
         rows = [_RowState() for _ in range(num_samples)]
+        padding = [0] * (rows_fed - num_samples)
         num_generated = 0
-        while max_tokens is None or num_generated < max_tokens:
+        while num_generated < max_tokens:
+            # sampled on the device; this column is the one transfer to the host per step
             sampled = sample_next_token(logits, generator, temperature, top_k)[:, 0].tolist()  # (N,)
             token_column, mask_column = [], []
             for state, token in zip(rows, sampled):
@@ -237,10 +345,18 @@ class Engine:
                 self._step_row(state, token)
             yield token_column, mask_column
             num_generated += 1
-            if all(state.done for state in rows):
+            if all(state.done for state in rows) or num_generated == max_tokens:
                 return
-            ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)  # (N, 1)
-            logits = self.model(ids, kv_cache=cache)[:, -1, :]  # (N, V)
+            ids = torch.tensor(token_column + padding, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+            with self._precision():
+                try:
+                    logits = step(self.model, ids, cache)[:num_samples]  # (N, V)
+                except Exception as e:  # e.g. CUDA graphs refused in this thread: the same step, eagerly
+                    if step is _decode_step:
+                        raise
+                    logger.warning(f"compiled decode step failed ({type(e).__name__}: {e}); decoding eagerly")
+                    self.compile_decode, step = False, _decode_step
+                    logits = step(self.model, ids, cache)[:num_samples]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Full sequences (prompt included, stop token excluded) and masks (0 for the prompt and for

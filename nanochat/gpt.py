@@ -17,25 +17,28 @@ blocks [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> `lm_head` -> 15·tanh
   n_kv_head < n_head (n_kv_head = 1 is multi-query).
 - MLP 4x wide with ReLU² (relu(x)**2: cheap, and it trains better than GELU in small-model
   speedruns such as modded-nanogpt).
-- Logits soft-capped at 15 in fp32, so bf16 logits can neither overflow nor grow without bound.
+- Logits soft-capped at 15 (in the matmul's dtype, as the reference; then fp32 for the loss), so
+  logits can neither overflow bf16 nor grow without bound.
 
-All parameters stay fp32 on every device; under bf16 autocast the matmuls run in bf16. (The original
-stored the embedding in bf16 on CUDA to save memory; fp32 is at least as accurate, and AdamW's
-small updates to it are not rounded away.)
+Parameters are fp32, except the embedding when `init_weights(embedding_dtype=torch.bfloat16)`: the
+reference's CUDA layout (the caller decides: `Compute.compute_dtype` in nanochat/common.py). With a
+bf16 embedding the residual stream is bf16 under autocast, which is what saves activation memory
+(1.10x the reference's peak at d20 with fp32); an fp32 embedding keeps AdamW's small updates to it
+from being rounded away. Under bf16 autocast the matmuls run in bf16 either way.
 
 This file never looks at ranks or devices: gradient synchronisation lives in the optimisers
 (nanochat/dist_optim.py), device choice in nanochat/common.py. Parameter names follow the original
 nanochat (`transformer.wte`, `transformer.h.{i}.attn.c_q`, ..., `lm_head`).
 
 KV-cache protocol (the cache class is nanochat.engine.KVCache): an object with
-- `get_pos() -> int`: the number of positions already cached before this forward (the rotary
-  offset of the new tokens);
-- `insert_kv(layer_idx, k, v) -> (k_all, v_all)`: k, v of the new positions, (B, n_kv_head, T_new,
-  head_dim); returns every cached key/value so far including these, (B, n_kv_head, T_total,
-  head_dim). The cache advances its position when the last layer has inserted.
-Attention then has three cases: no cache or Tq == Tk (prefill) -> causal; Tq == 1 (decode) ->
-attend to everything cached; 1 < Tq < Tk (a chunk after a prefix) -> the whole prefix plus causal
-within the chunk.
+- `positions(T) -> (T,)` int64 tensor on the device: the positions of the T new tokens (their
+  rotary angles). A device tensor, not an int, so one captured decode step replays at any position;
+- `insert_kv(layer_idx, k, v) -> (k_all, v_all, mask)`: writes k, v of the new positions, (B,
+  n_kv_head, T, head_dim), and returns the layer's whole cache (B, n_kv_head, max_len, head_dim) with
+  a boolean mask (T, max_len), True where a new token may attend (every cached position up to its
+  own). The cache advances its position when the last layer has inserted.
+Attention is then causal without a cache, and the masked SDPA with one: the same code for a
+prompt, a chunk after a prefix and a single decoded token, and no shape changes while decoding.
 """
 
 from __future__ import annotations
@@ -118,19 +121,12 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK norm, after rotary
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, T_total, D)
-        Tq, Tk = q.size(2), k.size(2)
         enable_gqa = self.n_head != self.n_kv_head
-        if kv_cache is None or Tq == Tk:
+        if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-        elif Tq == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
-        else:  # a chunk after a prefix: the whole prefix, then causal within the chunk
-            prefix_len = Tk - Tq
-            attn_mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device)  # True = may attend
-            attn_mask[:, prefix_len:] = torch.ones((Tq, Tq), dtype=torch.bool, device=q.device).tril()
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+        else:
+            k, v, mask = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, max_len, D), (T, max_len)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -178,8 +174,9 @@ class GPT(nn.Module):
         self.fused_loss = True  # see use_fused_loss()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Set every parameter and buffer (after `to_empty`, all of them hold garbage)."""
+    def init_weights(self, embedding_dtype: torch.dtype = torch.float32) -> None:
+        """Set every parameter and buffer (after `to_empty`, all of them hold garbage), and store the
+        embedding in `embedding_dtype` (bf16: the reference's CUDA layout)."""
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         # Uniform in ±√3/√n_embd has std 1/√n_embd, like a normal init, without its outliers.
@@ -192,16 +189,19 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
         head_dim = self.config.n_embd // self.config.n_head
         self.cos, self.sin = precompute_rotary(self.rotary_seq_len, head_dim, device=self.lm_head.weight.device)
+        self.transformer.wte.to(dtype=embedding_dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
                 loss_reduction: str = "mean") -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V) in fp32; with targets (B, T) (-1 = ignore) -> the
         cross-entropy loss (a scalar for 'mean'/'sum', (B, T) for 'none')."""
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary offset of these tokens
-        assert T0 + T <= self.rotary_seq_len, \
-            f"positions up to {T0 + T} exceed the rotary tables ({self.rotary_seq_len} = 10x sequence_len)"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]  # (1, T, 1, D/2)
+        if kv_cache is None:
+            assert T <= self.rotary_seq_len, f"{T} positions exceed the rotary tables ({self.rotary_seq_len} = 10x sequence_len)"
+            cos_sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, D/2)
+        else:
+            positions = kv_cache.positions(T)  # (T,) on the device: no host sync
+            cos_sin = self.cos[:, positions], self.sin[:, positions]  # (1, T, 1, D/2)
         x = norm(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
@@ -213,8 +213,10 @@ class GPT(nn.Module):
                 return losses.view(B, T)
             assert loss_reduction in ("mean", "sum"), f"loss_reduction must be mean, sum or none ({loss_reduction!r})"
             return losses.sum() if loss_reduction == "sum" else losses.sum() / (targets != -1).sum()
-        logits = self.lm_head(x).float()  # (B, T, V), fp32 even under bf16 autocast
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = self.lm_head(x)  # (B, T, V), bf16 under autocast or with bf16 weights
+        # soft-cap in that dtype, then fp32 for the loss (the reference's order: the tanh keeps a
+        # bf16 copy for backward, not an fp32 one; |logits| <= 15 cannot overflow bf16)
+        logits = (softcap * torch.tanh(logits / softcap)).float()
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,

@@ -25,13 +25,13 @@ import torch
 from nanochat.dist_optim import ShardedOptimizer
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately orthogonalise G (rows, cols): the quintic iteration X <- a·X + b·(X·Xᵀ)·X +
     c·(X·Xᵀ)²·X drives every singular value of the Frobenius-normalised G towards ~1 (to within the
-    band ~0.7-1.2 the coefficients trade for speed). Computed in bf16 on CUDA, fp32 elsewhere."""
+    band ~0.7-1.2 the coefficients trade for speed). Computed in `dtype` (the caller picks: bf16 on CUDA)."""
     assert G.ndim == 2, f"Newton-Schulz needs a matrix (got shape {tuple(G.shape)})"
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.to(torch.bfloat16 if G.device.type == "cuda" else torch.float32)
+    X = G.to(dtype)
     transposed = G.size(0) > G.size(1)
     if transposed:  # work with the wide orientation: X·Xᵀ is then the smaller Gram matrix
         X = X.mT
@@ -43,6 +43,10 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     if transposed:
         X = X.mT
     return X
+
+
+# Compiled lazily, on the first call: one small graph per matrix shape.
+zeropower_compiled = torch.compile(zeropower_via_newtonschulz5, dynamic=False)
 
 
 class Muon(ShardedOptimizer):
@@ -65,7 +69,10 @@ class Muon(ShardedOptimizer):
         buf, momentum = state["momentum_buffer"], group["momentum"]
         buf.lerp_(grad, 1 - momentum)  # buf = μ·buf + (1 − μ)·g
         update = grad.lerp_(buf, momentum) if group["nesterov"] else buf  # Nesterov: look one step ahead
-        update = zeropower_via_newtonschulz5(update, steps=group["ns_steps"])
+        # as the reference: bf16 and compiled on CUDA; fp32 and eager elsewhere (no compiler needed)
+        on_cuda = update.device.type == "cuda"
+        newton_schulz = zeropower_compiled if on_cuda else zeropower_via_newtonschulz5
+        update = newton_schulz(update, steps=group["ns_steps"], dtype=torch.bfloat16 if on_cuda else torch.float32)
         # an orthogonalised (rows, cols) update has RMS 1/sqrt(max(rows, cols)); scaling tall ones by
         # sqrt(rows/cols) makes that 1/sqrt(cols) for them, so c_fc (4C, C) is not under-updated
         scale = max(1.0, param.size(0) / param.size(1)) ** 0.5

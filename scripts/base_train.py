@@ -51,6 +51,7 @@ DEFAULTS = dict(
     run="dummy",  # wandb run name; "dummy" = no wandb
     device_type="",  # cuda | mps | cpu; empty = autodetect
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
+    fp32_embedding=0,  # 1: keep the embedding (and the residual stream) fp32 on CUDA; 0: bf16 there, as the reference
     # model
     depth=20,
     max_seq_len=2048,
@@ -110,7 +111,7 @@ model_config = GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_l
 with torch.device("meta"):
     model = GPT(model_config)
 model.to_empty(device=device)
-model.init_weights()
+model.init_weights(embedding_dtype=torch.float32 if cfg.fp32_embedding else compute.compute_dtype)
 model_tag = cfg.model_tag or f"d{cfg.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 resuming = cfg.resume_from_step >= 0
@@ -200,7 +201,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 
 
 def print_samples():
-    engine = Engine(orig_model, tokenizer)  # KV-cache generation; greedy = temperature 0
+    engine = Engine(orig_model, tokenizer, compile_decode=False)  # greedy; 16 tokens do not repay a compile
     for prompt in SAMPLE_PROMPTS:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
         with compute.autocast():

@@ -35,6 +35,7 @@ parser.add_argument("-m", "--max_tokens", type=int, default=512, help="longest r
 parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
+parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: compile the decode step (CUDA graphs), 0: eager; default: on for CUDA")
 args = parser.parse_args()
 if args.temperature < 0:
     parser.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -60,7 +61,8 @@ try:
 except FileNotFoundError as e:
     print(f"chat_cli: {e}", file=sys.stderr)
     sys.exit(1)
-engine = Engine(model, tokenizer)
+model.to(compute.compute_dtype)  # bf16 weights on CUDA, cast once: no autocast while decoding
+engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
 context_len = meta["model_config"]["sequence_len"]
 stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 

@@ -42,6 +42,7 @@ parser.add_argument("-b", "--batch-size", type=int, default=8, help="categorical
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
 parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: compile the decode step (CUDA graphs), 0: eager; default: on for CUDA")
 parser.add_argument("--device_type", "--device-type", default="", choices=["", "cuda", "mps", "cpu"],
                     help="empty = autodetect")
 args = parser.parse_args()
@@ -68,7 +69,8 @@ try:
                                         step=args.step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
     raise SystemExit(f"chat_eval: {e}") from None
-engine = Engine(model, tokenizer)
+model.to(compute.compute_dtype)  # bf16 weights on CUDA, cast once
+engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
 print0(f"evaluating the {args.source} model, step {meta['step']}, on {', '.join(task_names)}")
 
 # -----------------------------------------------------------------------------

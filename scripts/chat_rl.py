@@ -53,6 +53,7 @@ DEFAULTS = dict(
     max_new_tokens=256,
     temperature=1.0,
     top_k=50,
+    compile_decode=-1,  # -1: compile the sampler's decode step on CUDA (CUDA graphs), 0: eager, 1: on
     # optimisation
     num_epochs=1,
     num_iterations=-1,  # -1 = num_epochs passes over GSM8K train
@@ -97,7 +98,7 @@ try:
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
     raise SystemExit(f"chat_rl: {e}") from None
 model_config = meta["model_config"]
-engine = Engine(model, tokenizer)
+engine = Engine(model, tokenizer, compile_decode=None if cfg.compile_decode < 0 else bool(cfg.compile_decode))
 print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
 
 # -----------------------------------------------------------------------------

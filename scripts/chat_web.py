@@ -120,7 +120,10 @@ def load_workers(args) -> tuple[list[Worker], object, dict]:
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         args.step = meta["step"]  # the same step on every replica, even if a newer one lands meanwhile
-        workers.append(Worker(i, device, Engine(model, tokenizer), compute.autocast))
+        model.to(compute.compute_dtype)  # bf16 weights on CUDA, cast once
+        engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
+        logger.info(f"worker {i}: decode step warm-up (compile_decode={engine.compile_decode}) took {engine.warmup((1,)):.1f}s")
+        workers.append(Worker(i, device, engine, compute.autocast))
         logger.info(f"worker {i}: {args.source} model (step {meta['step']}) on {device}")
     return workers, tokenizer, meta
 
@@ -370,6 +373,7 @@ def parse_args(argv=None):
     parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: compile the decode step (CUDA graphs), 0: eager; default: on for CUDA")
     args = parser.parse_args(argv)
     for name, value, (lo, hi) in [("temperature", args.temperature, TEMPERATURE_RANGE),
                                   ("top_k", args.top_k, TOP_K_RANGE),

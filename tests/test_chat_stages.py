@@ -206,15 +206,16 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, vocab_size, script, prompt_len=None):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(n_layer=1, sequence_len=100_000)
+        self.config = SimpleNamespace(n_layer=1, sequence_len=100_000, n_head=1, n_kv_head=1, n_embd=1)
         self.vocab_size, self.script, self.prompt_len = vocab_size, script, prompt_len
 
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
-        history, _ = kv_cache.insert_kv(0, idx.float().view(B, 1, T, 1), idx.float().view(B, 1, T, 1))
+        history, _, mask = kv_cache.insert_kv(0, idx.float().view(B, 1, T, 1), idx.float().view(B, 1, T, 1))
+        length = int(mask[-1].sum())  # positions cached so far (the cache is preallocated)
         logits = torch.full((B, T, self.vocab_size), -30.0)
         for row in range(B):
-            logits[row, -1, self.script(row, history[row, 0, :, 0].long().tolist())] = 30.0
+            logits[row, -1, self.script(row, history[row, 0, :length, 0].long().tolist())] = 30.0
         return logits
 
 

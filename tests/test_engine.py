@@ -111,28 +111,36 @@ def test_calculator_is_fast_and_works_off_the_main_thread():
 # KV cache and sampling
 
 
-def test_kv_cache_concatenates_and_prefill_replicates():
-    prefill = KVCache(batch_size=1, num_layers=2)
-    k1, v1 = torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)  # (B, H, T, D)
+def test_kv_cache_writes_in_place_and_replicates_the_first_row():
+    cache = KVCache(batch_size=3, num_layers=2, num_kv_heads=3, head_dim=4, max_len=8)
+    k1, v1 = torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)  # (B, H, T, D): a batch-1 prompt
+    assert cache.positions(5).tolist() == [0, 1, 2, 3, 4]
     for layer in range(2):
-        assert prefill.get_pos() == 0
-        k_all, v_all = prefill.insert_kv(layer, k1 + layer, v1 + layer)
-        assert torch.equal(k_all, k1 + layer)
-    assert prefill.get_pos() == 5  # advanced after the last layer only
-    cache = KVCache(batch_size=3, num_layers=2)
-    cache.prefill(prefill)
-    assert cache.get_pos() == 5
+        keys, values, mask = cache.insert_kv(layer, k1 + layer, v1 + layer)
+        assert keys.shape == (1, 3, 8, 4) and torch.equal(keys[:, :, :5], k1 + layer)
+        assert torch.equal(mask, torch.ones(5, 8, dtype=torch.bool).tril())  # causal, nothing past 5
+        assert int(cache.pos) == 5 * layer  # advanced after the last layer only
+    assert int(cache.pos) == 5 and cache.positions(1).tolist() == [5]
+    cache.replicate_first_row(5)
     k2 = torch.randn(3, 3, 1, 4)
-    k_all, v_all = cache.insert_kv(0, k2, k2 * 2)
-    assert k_all.shape == (3, 3, 6, 4)
+    keys, values, mask = cache.insert_kv(0, k2, k2 * 2)
+    assert keys.shape == (3, 3, 8, 4) and mask.tolist() == [[True] * 6 + [False] * 2]
     for row in range(3):
-        assert torch.equal(k_all[row, :, :5], k1[0]) and torch.equal(k_all[row, :, 5:], k2[row])
-        assert torch.equal(v_all[row, :, 5:], 2 * k2[row])
+        assert torch.equal(keys[row, :, :5], k1[0]) and torch.equal(keys[row, :, 5:6], k2[row])
+        assert torch.equal(values[row, :, 5:6], 2 * k2[row])
     cache.insert_kv(1, k2, k2)
-    assert cache.get_pos() == 6
-    # the copies are independent of the batch-1 cache and of each other
-    cache.keys[0][0].zero_()
-    assert torch.equal(prefill.keys[0], k1) and torch.equal(cache.keys[0][1, :, :5], k1[0])
+    assert int(cache.pos) == 6
+    cache.reset()
+    assert int(cache.pos) == 0
+
+
+def test_kv_cache_refuses_to_wrap():
+    """Writing past max_len is an error, never a write at position 0 again."""
+    cache = KVCache(batch_size=1, num_layers=1, num_kv_heads=1, head_dim=2, max_len=4)
+    cache.insert_kv(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    with pytest.raises((IndexError, RuntimeError)):
+        cache.insert_kv(0, torch.full((1, 1, 2, 2), 7.0), torch.full((1, 1, 2, 2), 7.0))
+    assert torch.equal(cache.k[0, :, :, :3], torch.ones(1, 1, 3, 2))  # nothing wrapped onto the start
 
 
 def test_sample_next_token():
@@ -161,17 +169,19 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, vocab_size, prompt_len, script, n_layer=2):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # gives the engine a device
-        self.config = SimpleNamespace(n_layer=n_layer, vocab_size=vocab_size)
+        self.config = SimpleNamespace(n_layer=n_layer, vocab_size=vocab_size, n_head=1, n_kv_head=1, n_embd=1,
+                                      sequence_len=256)
         self.vocab_size, self.prompt_len, self.script = vocab_size, prompt_len, script
 
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
         ids = idx.float().view(B, 1, T, 1)
         for layer in range(self.config.n_layer):
-            history, _ = kv_cache.insert_kv(layer, ids, ids)  # (B, 1, T_all, 1)
+            history, _, mask = kv_cache.insert_kv(layer, ids, ids)  # (B, 1, max_len, 1), (T, max_len)
+        length = int(mask[-1].sum())  # positions cached, these included
         logits = torch.full((B, T, self.vocab_size), -30.0)
         for row in range(B):
-            tokens = history[row, 0, :, 0].long().tolist()
+            tokens = history[row, 0, :length, 0].long().tolist()
             logits[row, -1, self.script(row, tokens[self.prompt_len:])] = 30.0
         return logits
 
@@ -263,22 +273,26 @@ def gpt(tokenizer):
     return tiny_gpt(tokenizer.get_vocab_size())
 
 
+def new_cache(gpt, batch_size, max_len):
+    cfg = gpt.config
+    return KVCache(batch_size, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, max_len)
+
+
 def test_kv_cache_forward_equals_full_forward(gpt):
     """Prefill, a chunk after a prefix, single-token steps; then batch 3 after a replicated prefill."""
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, 14))
     with torch.no_grad():
         full = gpt(ids)  # (1, 14, V)
-        cache = KVCache(batch_size=1, num_layers=gpt.config.n_layer)
+        cache = new_cache(gpt, 1, 20)
         pieces = [gpt(ids[:, :5], kv_cache=cache), gpt(ids[:, 5:9], kv_cache=cache)]
         pieces += [gpt(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 14)]
-        assert cache.get_pos() == 14
+        assert int(cache.pos) == 14
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
-        # three different continuations of one prefilled prompt
-        prefix = KVCache(batch_size=1, num_layers=gpt.config.n_layer)
-        gpt(ids[:, :9], kv_cache=prefix)
-        batch = KVCache(batch_size=3, num_layers=gpt.config.n_layer)
-        batch.prefill(prefix)
+        # three different continuations of one prompt, prefilled into row 0
+        batch = new_cache(gpt, 3, 11)
+        gpt(ids[:, :9], kv_cache=batch)
+        batch.replicate_first_row(9)
         tails = torch.randint(0, 256, (3, 2))
         out = [gpt(tails[:, :1], kv_cache=batch), gpt(tails[:, 1:], kv_cache=batch)]
         out = torch.cat(out, dim=1)  # (3, 2, V)
@@ -323,3 +337,93 @@ def test_first_token_sampled_independently_per_row(gpt, tokenizer):
     again = engine.generate_batch(prompt, num_samples=16, max_tokens=6, temperature=1.0, seed=5)
     assert again == engine.generate_batch(prompt, num_samples=16, max_tokens=6, temperature=1.0, seed=5)
     assert again != engine.generate_batch(prompt, num_samples=16, max_tokens=6, temperature=1.0, seed=6)
+
+
+# -----------------------------------------------------------------------------
+# The preallocated cache and the compiled decode step (issue: fast decoding)
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(gpt, tokenizer):
+    """compile_decode on the CPU: torch.compile (inductor, no CUDA graphs). One bucket only, 4: batch 1
+    and 3 run in it with padding rows, batch 8 eagerly (each bucket takes ~30-90 s to compile on a
+    busy 2-core CPU)."""
+    engine = Engine(gpt, tokenizer, compile_decode=True, batch_buckets=(4,))
+    assert engine.warmup((1,)) > 0 and engine.compile_decode, "compiling the decode step failed"
+    return engine
+
+
+def columns(engine, prompt, num_samples, **kwargs):
+    steps = list(engine.generate(prompt, num_samples=num_samples, **kwargs))
+    return [[column[row] for column, _ in steps] for row in range(num_samples)]
+
+
+@pytest.mark.parametrize("num_samples", [1, 3, 8])
+def test_static_cache_engines_equal_naive_generate(gpt, tokenizer, compiled_engine, num_samples):
+    """Greedy: eager and compiled (bucket 1, 4 with a padding row, 8) equal the naive generate,
+    with a reply that runs to the last position of the context (sequence_len 64)."""
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The capital of")
+    max_tokens = gpt.config.sequence_len - len(prompt)  # fills the static cache exactly
+    naive = list(gpt.generate(prompt, max_tokens=max_tokens, temperature=0.0))
+    assert not set(naive) & (compiled_engine.stop_tokens | {compiled_engine.python_start})
+    for engine in (Engine(gpt, tokenizer, compile_decode=False), compiled_engine):
+        assert columns(engine, prompt, num_samples, max_tokens=max_tokens, temperature=0.0) == [naive] * num_samples
+
+
+def test_compiled_engine_samples_like_the_eager_one_and_the_old_engine(gpt, tokenizer, compiled_engine):
+    """Temperature 1, batch 8, the same seed: the same draws from the compiled step, the eager one
+    and the old concatenating engine (re-stated in bench/engine.py)."""
+    from bench.engine import old_generate
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("Once upon a")
+    kwargs = dict(max_tokens=12, temperature=1.0, top_k=50, seed=25)
+    old = [list(row) for row in zip(*old_generate(gpt, prompt, num_samples=8, **kwargs))]
+    eager = columns(Engine(gpt, tokenizer, compile_decode=False), prompt, 8, **kwargs)
+    stop = compiled_engine.stop_tokens | {compiled_engine.python_start}
+    assert not any(set(row) & stop for row in old), "pick a seed whose samples neither stop nor call the tool"
+    assert eager == old and columns(compiled_engine, prompt, 8, **kwargs) == old
+    assert len({tuple(row) for row in old}) > 1
+
+
+def test_prompt_that_nearly_fills_the_cache(gpt, tokenizer, compiled_engine):
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 256, (gpt.config.sequence_len - 3,)).tolist()
+    naive = list(gpt.generate(prompt, max_tokens=3, temperature=0.0))
+    assert columns(compiled_engine, prompt, 2, max_tokens=3, temperature=0.0) == [naive] * 2
+    # past sequence_len: an eager cache sized for the request, still the same tokens
+    naive = list(gpt.generate(prompt, max_tokens=20, temperature=0.0))
+    assert columns(compiled_engine, prompt, 2, max_tokens=20, temperature=0.0) == [naive] * 2
+
+
+def test_request_longer_than_the_model_is_a_clear_error(gpt, tokenizer, compiled_engine):
+    prompt = [1] * (gpt.rotary_seq_len - 5)
+    with pytest.raises(ValueError, match=r"needs \d+ positions; the model has \d+"):
+        next(compiled_engine.generate(prompt, max_tokens=10))
+
+
+def test_compiled_step_equals_eager_step(gpt, compiled_engine):
+    """The compiled one-token step's logits equal the eager step's at the same cache state."""
+    from nanochat.engine import _decode_step
+    cache = compiled_engine._static[(4, torch.float32)]
+    ids = torch.randint(0, 256, (4, 1), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        results = []
+        for step in (_decode_step, compiled_engine._compiled):
+            cache.reset()
+            gpt(torch.arange(10).view(1, 10), kv_cache=cache)
+            cache.replicate_first_row(10)
+            results.append(step(gpt, ids, cache).clone())
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
+def test_tool_use_through_the_compiled_step(tokenizer):
+    """The tool's forced tokens reach the model through the compiled step (the scripted model
+    reads its history back from the cache, so a forced token that was not fed would change it)."""
+    special = tokenizer.encode_special
+    intended = ([special("<|python_start|>")] + tokenizer.encode("6*7") + [special("<|python_end|>")]
+                + [tokenizer.encode("Z")[0]] * 4 + tokenizer.encode(" ok") + [special("<|assistant_end|>")])
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("6*7?")
+    model = ScriptedModel(tokenizer.get_vocab_size(), len(prompt), lambda row, generated: intended[len(generated)])
+    eager = Engine(model, tokenizer, compile_decode=False).generate_batch(prompt, num_samples=3, max_tokens=40)
+    compiled = Engine(model, tokenizer, compile_decode=True).generate_batch(prompt, num_samples=3, max_tokens=40)
+    assert compiled == eager
+    assert tokenizer.decode(eager[0][0][len(prompt):]) == "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> ok"

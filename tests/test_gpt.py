@@ -220,7 +220,8 @@ def test_gqa_equals_full_attention_with_repeated_kv_heads(n_kv_head):
 
 class ListKVCache:
     """The smallest cache that follows gpt.py's protocol: per-layer lists of chunks, concatenated
-    on read; the position advances after the last layer inserted."""
+    on read, with the mask of what each new token may attend to; the position advances after the
+    last layer inserted."""
 
     def __init__(self, num_layers: int):
         self.num_layers, self.pos = num_layers, 0
@@ -230,12 +231,17 @@ class ListKVCache:
     def get_pos(self) -> int:
         return self.pos
 
+    def positions(self, T: int) -> torch.Tensor:
+        return torch.arange(self.pos, self.pos + T)
+
     def insert_kv(self, layer_idx, k, v):
         self.k[layer_idx].append(k)
         self.v[layer_idx].append(v)
+        T = k.size(2)
+        mask = torch.arange(self.pos + T)[None, :] <= self.positions(T)[:, None]  # (T, T_total)
         if layer_idx == self.num_layers - 1:
-            self.pos += k.size(2)
-        return torch.cat(self.k[layer_idx], dim=2), torch.cat(self.v[layer_idx], dim=2)
+            self.pos += T
+        return torch.cat(self.k[layer_idx], dim=2), torch.cat(self.v[layer_idx], dim=2), mask
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
@@ -261,8 +267,10 @@ def test_rotary_tables_cover_ten_times_the_sequence_length():
     x = torch.randint(0, 256, (1, 80))
     model(x[:, :70], kv_cache=cache)
     model(x[:, 70:80], kv_cache=cache)  # exactly the 80 positions the tables cover
-    with pytest.raises(AssertionError, match="rotary tables"):
+    with pytest.raises(IndexError):  # position 80: past the tables
         model(x[:, :1], kv_cache=cache)
+    with pytest.raises(AssertionError, match="rotary tables"):
+        model(torch.randint(0, 256, (1, 81)))
 
 
 # -----------------------------------------------------------------------------
