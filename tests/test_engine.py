@@ -403,7 +403,7 @@ def test_request_longer_than_the_model_is_a_clear_error(gpt, tokenizer, compiled
 def test_compiled_step_equals_eager_step(gpt, compiled_engine):
     """The compiled one-token step's logits equal the eager step's at the same cache state."""
     from nanochat.engine import _decode_step
-    cache = compiled_engine._static[(4, torch.float32)]
+    cache, _ = compiled_engine._static[(4, torch.float32)]
     ids = torch.randint(0, 256, (4, 1), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         results = []
