@@ -17,7 +17,7 @@ Run:
   (nanochat.common.get_peak_flops; n/a for unknown devices), and the measured bf16 matmul is
   printed next to it.
 - One step is --grad_accum_steps micro-batches of --device_batch_size x --max_seq_len tokens, then
-  reduce_gradients / clip_grad_norm / step exactly as scripts/base_train.py does. Data loading is
+  nanochat.optim.step (reduce, clip, update) exactly as scripts/base_train.py does. Data loading is
   not part of it (the tokens are random). The step time is the median of --steps timed steps after
   --warmup_steps; the peak and the step are measured alternately (peak, steps, peak), and the best
   peak is used, so a machine that gets busier mid-run cannot flatter the ratio.
@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from nanochat.common import compute_cleanup, compute_init, get_device_name, get_peak_flops, print0
-from nanochat.dist_optim import clip_grad_norm
+from nanochat import optim
+from nanochat.common import compute_cleanup, compute_init, get_device_name, get_peak_flops, print0, use_fused_loss
 from nanochat.flags import parse_flags, print_flags
 from nanochat.gpt import GPT, GPTConfig
 
@@ -99,8 +99,8 @@ with torch.device("meta"):
 model.to_empty(device=device)
 model.init_weights(embedding_dtype=torch.float32 if cfg.fp32_embedding else compute.compute_dtype)
 orig_model = model
-model.fused_loss = bool(cfg.fused_loss)
 compiled = cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda")
+model.fused_loss = bool(cfg.fused_loss) and use_fused_loss(device_type, compiled)
 if compiled:
     model = torch.compile(model, dynamic=False)
 optimizers = orig_model.setup_optimizers()
@@ -125,13 +125,7 @@ def train_step() -> tuple[float, float]:
         (loss / cfg.grad_accum_steps).backward()
     compute.synchronize()
     t1 = time.perf_counter()
-    for opt in optimizers:
-        opt.reduce_gradients()
-    if cfg.grad_clip > 0:
-        clip_grad_norm(optimizers, cfg.grad_clip)
-    for opt in optimizers:
-        opt.step()
-    orig_model.zero_grad(set_to_none=True)
+    optim.step(optimizers, 1.0, grad_clip=cfg.grad_clip)
     compute.synchronize()
     return t1 - t0, time.perf_counter() - t1
 
@@ -147,23 +141,21 @@ timings = [train_step() for _ in range(cfg.steps)]
 peaks.append(measure_matmul_flops(cfg.matmul_size))
 
 fwdbwd = statistics.median(t[0] for t in timings)
-optim = statistics.median(t[1] for t in timings)
+optim_time = statistics.median(t[1] for t in timings)
 step_time = statistics.median(t[0] + t[1] for t in timings)
 achieved = flops_per_token * tokens_per_step / step_time / compute.world_size  # per device
 measured_peak = max(peaks)
 sheet_peak = get_peak_flops(get_device_name(device_type)) if device_type == "cuda" else None
 peak, peak_name = (sheet_peak, "bf16 data sheet") if device_type == "cuda" else (measured_peak, "measured fp32 matmul")
 
-with compute.autocast():
-    hidden = torch.zeros(1, device=device)  # stands in for the final hidden state: same device and dtype
-    head_loss = "fused" if orig_model.use_fused_loss(hidden) and not compiled else "plain"
+head_loss = "fused" if orig_model.fused_loss else "plain"
 rows = [
     ("tokens per step", f"{tokens_per_step:,}"),
     ("embedding dtype", str(orig_model.transformer.wte.weight.dtype).removeprefix("torch.")),
     ("head + loss (nanochat/fused_loss.py)", f"{head_loss}{', compiled' if compiled else ''}"),
     ("step time (median)", f"{step_time * 1000:.0f} ms"),
     ("  forward + backward", f"{fwdbwd * 1000:.0f} ms ({100 * fwdbwd / step_time:.0f}%)"),
-    ("  optimisers (reduce, clip, step)", f"{optim * 1000:.0f} ms ({100 * optim / step_time:.0f}%)"),
+    ("  optimisers (reduce, clip, step)", f"{optim_time * 1000:.0f} ms ({100 * optim_time / step_time:.0f}%)"),
     ("tokens/s", f"{tokens_per_step / step_time:,.0f}"),
     ("model FLOP/s (per device)", f"{achieved / 1e9:,.1f} GFLOP/s"),
     (f"matmul {cfg.matmul_size}² ({'fp32' if device_type == 'cpu' else 'bf16'}, best)",

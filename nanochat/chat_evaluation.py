@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import get_dist_info, print0
+from nanochat.progress import EvalProgress
 
 # chance accuracy of each evaluation task: 4-way multiple choice, or open-ended generation
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
@@ -111,6 +112,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
     prompts = [p[-max_len:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # similar lengths together: less padding
     correct, total = 0, 0
+    bar = EvalProgress(name, len(order))
     for b0 in range(0, len(order), batch_size):
         batch = order[b0:b0 + batch_size]
         width = max(len(prompts[j]) for j in batch)
@@ -123,8 +125,8 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
             scores = logits[row, len(prompts[j]) - 1, candidates].float()  # (L,) at the last prompt position
             correct += task.evaluate(conversations[j], letters[int(scores.argmax())])
             total += 1
-        print0(f"\r\033[K{name}: {correct}/{total} ({100 * correct / total:.2f}%) on rank 0", end="", flush=True)
-    print0()
+        bar.update(total, f"({100 * correct / total:.2f}% correct on rank 0)")
+    bar.close()
     correct, total, cropped = all_reduce_sum([correct, total, cropped], device)
     assert total == num_problems, f"evaluated {total} of {num_problems} problems"
     if cropped:
@@ -155,14 +157,15 @@ def generative_outcomes(task, engine, tokenizer, num_samples: int = 1, max_new_t
     """For this rank's problems, the 0/1 outcome of each sample (a list per problem)."""
     indices, _ = _problem_indices(task, max_problems)
     outcomes, passed = [], 0
+    bar = EvalProgress(name, len(indices))
     for n, i in enumerate(indices, start=1):
         conversation = task.get_example(i)
         _, _, _, texts = sample_completions(engine, tokenizer, conversation, num_samples, max_new_tokens,
                                             temperature, top_k, seed=i)
         outcomes.append([task.evaluate(conversation, text) for text in texts])
         passed += any(outcomes[-1])
-        print0(f"\r\033[K{name}: {passed}/{n} ({100 * passed / n:.2f}%) on rank 0", end="", flush=True)
-    print0()
+        bar.update(n, f"({100 * passed / n:.2f}% passed on rank 0)")
+    bar.close()
     return outcomes
 
 

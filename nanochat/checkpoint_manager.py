@@ -33,7 +33,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, base_dir_path, print0
+from nanochat.common import atomic_write, base_dir_path, get_dist_info, print0, use_fused_loss
 
 logger = logging.getLogger("nanochat")
 
@@ -69,7 +69,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, opt
         # temp files left by a process killed during an earlier save; nobody is writing now
         for stale in glob.glob(os.path.join(checkpoint_dir, "*.tmp*")):
             os.remove(stale)
-        meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        meta = {"step": step, "world_size": get_dist_info()[3],
                 "has_optimizer": optimizer_data is not None, **meta_data}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
@@ -140,6 +140,7 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phas
     model.to_empty(device=device)
     model.init_weights()  # buffers (rotary tables) are not in the state dict
     model.load_state_dict(model_data, strict=True, assign=True)
+    model.fused_loss = use_fused_loss(device.type)  # a script that compiles the model sets it again
     model.train(phase == "train")
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:

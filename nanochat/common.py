@@ -1,6 +1,6 @@
 """
 Common utilities: the one door for devices, distributed init, seeding, the base directory,
-rank-0 printing, logging, wandb (or a no-op stand-in), an inter-process lock and atomic writes
+rank-0 printing, logging, wandb (or a no-op stand-in), an inter-process lock and atomic file writes
 (downloads are in nanochat/download.py).
 
 Design choices:
@@ -9,6 +9,9 @@ Design choices:
   `compute.max_memory_allocated()` and `compute.autocast()` are no-ops where they do not apply.
 - Every rank seeds with the same value, so a model initialised on each rank is identical
   without a broadcast (the distributed optimisers rely on that).
+- One of each: `get_dist_info()` is how any module learns its rank; `atomic_write()` is how
+  any file is written (temp + rename); `use_fused_loss()` decides whether GPT takes its fused
+  head + loss (gpt.py itself never looks at the device).
 - Importing this module does no heavy work: no device query, no network, no file writes.
 
 Run under torchrun, e.g. `torchrun --standalone --nproc_per_node=8 -m scripts.base_train`;
@@ -59,7 +62,12 @@ def setup_default_logging(level: int = logging.INFO) -> None:
 
 
 def get_dist_info() -> tuple[bool, int, int, int]:
-    """(is_distributed, rank, local_rank, world_size), read from torchrun's environment."""
+    """(is_distributed, rank, local_rank, world_size): the one way any module learns its rank. From
+    the process group once one is up (however it was started), else from torchrun's environment
+    (compute_init reads it to join the group), else (False, 0, 0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return True, rank, int(os.environ.get("LOCAL_RANK", rank)), dist.get_world_size()
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
@@ -181,6 +189,14 @@ def get_peak_flops(device_name: str) -> float | None:
     return None
 
 
+def use_fused_loss(device_type: str, compiled: bool = False) -> bool:
+    """Whether a model on this device takes GPT's fused head + loss (model.fused_loss): it pays off
+    in eager fp32 (CPU, MPS; see nanochat/fused_loss.py). torch.compile fuses the plain path
+    itself, and under CUDA's bf16 autocast the plain path's bf16 matmul is what we want. The one
+    place this is decided; the training scripts and checkpoint_manager.build_model apply it."""
+    return device_type != "cuda" and not compiled
+
+
 def get_device_name(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name()
@@ -296,12 +312,13 @@ def get_wandb(run: str, project: str, config: dict, master_process: bool):
 # Files: atomic writes and an inter-process lock
 
 
-def atomic_write(path: str, write_fn) -> None:
-    """Call write_fn(file) on `path.tmp<pid>` (binary), flush it to disk, then rename it over `path`:
-    a crash at any point leaves either the old file or the new one, never a partial one."""
+def atomic_write(path: str, write_fn, text: bool = False) -> None:
+    """Call write_fn(file) on `path.tmp<pid>` (binary; text=True: UTF-8 text, no newline
+    translation), flush it to disk, then rename it over `path`: a crash at any point leaves either
+    the old file or the new one, never a partial one. The one way nanochat writes a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") if text else open(tmp, "wb") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

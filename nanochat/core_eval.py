@@ -50,8 +50,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import data_dir_setting, file_lock, get_base_dir, print0
+from nanochat.common import data_dir_setting, file_lock, get_base_dir, get_dist_info, print0
 from nanochat.download import download_file
+from nanochat.progress import EvalProgress
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -356,9 +357,10 @@ def prepare_item(idx: int, data: list[dict], tokenizer, task_meta: dict, max_len
 
 
 def score_items(model, tokenizer, data: list[dict], indices: list[int], device, task_meta: dict,
-                batch_size: int = 8) -> list[bool]:
+                batch_size: int = 8, progress: EvalProgress | None = None) -> list[bool]:
     """Correctness of data[i] for i in indices. Items are packed into forward passes of at most
-    batch_size rows (an item with more choices than that gets a pass of its own)."""
+    batch_size rows (an item with more choices than that gets a pass of its own). `progress` is
+    told the number of items scored after every pass."""
     max_len = getattr(getattr(model, "config", None), "sequence_len", None)
     pad_id = tokenizer.get_bos_token_id()
     results, pending = [], []  # pending: (idx, rows, starts, ends)
@@ -372,6 +374,8 @@ def score_items(model, tokenizer, data: list[dict], indices: list[int], device, 
                                   spans[offset:offset + len(rows)]))
             offset += len(rows)
         pending.clear()
+        if progress is not None:
+            progress.update(len(results))
 
     for idx in indices:
         rows, starts, ends = prepare_item(idx, data, tokenizer, task_meta, max_len)
@@ -383,14 +387,17 @@ def score_items(model, tokenizer, data: list[dict], indices: list[int], device, 
     return results
 
 
-def evaluate_task(model, tokenizer, data: list[dict], device, task_meta: dict, batch_size: int = 8) -> float:
+def evaluate_task(model, tokenizer, data: list[dict], device, task_meta: dict, batch_size: int = 8,
+                  name: str = "") -> float:
     """Accuracy on `data` (task_meta: task_type, num_fewshot, continuation_delimiter). Rank r
     scores items r, r + world_size, ...; the per-item results are summed over ranks."""
-    ddp = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    _, rank, _, world_size = get_dist_info()
     indices = list(range(rank, len(data), world_size))
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    for idx, ok in zip(indices, score_items(model, tokenizer, data, indices, device, task_meta, batch_size)):
+    bar = EvalProgress(f"{name} (rank 0)" if world_size > 1 else name, len(indices))
+    scored = score_items(model, tokenizer, data, indices, device, task_meta, batch_size, progress=bar)
+    bar.close()
+    for idx, ok in zip(indices, scored):
         correct[idx] = float(ok)
     if world_size > 1:
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
@@ -410,7 +417,7 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = -1, bundle_dir: 
         random.Random(1337).shuffle(data)
         if max_per_task > 0:
             data = data[:max_per_task]
-        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size)
+        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size, name=task["label"])
         baseline = task["random_baseline"] / 100
         centered = (accuracy - baseline) / (1 - baseline)
         label = task["label"]

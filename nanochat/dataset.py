@@ -65,14 +65,6 @@ def download_dir() -> str:
     return os.environ.get("NANOCHAT_PRETRAIN_DIR") or os.path.join(get_base_dir(), "base_data")
 
 
-def __getattr__(name: str):
-    # `nanochat.dataset.DATA_DIR` is computed on access, so it follows $NANOCHAT_BASE_DIR and
-    # importing this module creates no directories.
-    if name == "DATA_DIR":
-        return get_data_dir()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def get_base_url() -> str:
     return os.environ.get("NANOCHAT_DATASET_URL", BASE_URL).rstrip("/")
 

@@ -115,3 +115,16 @@ def accumulation_steps(total_batch_size: int, device_batch_size: int, max_seq_le
                         f"{world_tokens_per_fwdbwd} (e.g. --total_batch_size={nearest}), "
                         f"or change --device_batch_size / --max_seq_len")
     return total_batch_size // world_tokens_per_fwdbwd
+
+
+def token_batch_plan(cfg, world_size: int) -> tuple[int, int, str]:
+    """For the stages that train on a packed token stream (base_train, mid_train), from the flags
+    total_batch_size, device_batch_size, max_seq_len and eval_tokens: (grad_accum_steps,
+    eval_steps, a line describing the batch). One fwd/bwd takes device_batch_size x max_seq_len
+    tokens on every rank; the val evaluation takes eval_tokens of them (at least one pass)."""
+    grad_accum_steps = accumulation_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
+    eval_steps = max(1, cfg.eval_tokens // (tokens_per_fwdbwd * world_size))
+    line = (f"batch: {cfg.total_batch_size:,} tokens/step = {tokens_per_fwdbwd:,} per fwd/bwd x {world_size} "
+            f"rank(s) x {grad_accum_steps} accumulation step(s)")
+    return grad_accum_steps, eval_steps, line

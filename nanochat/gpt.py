@@ -27,7 +27,7 @@ bf16 embedding the residual stream is bf16 under autocast, which is what saves a
 from being rounded away. Under bf16 autocast the matmuls run in bf16 either way.
 
 This file never looks at ranks or devices: gradient synchronisation lives in the optimisers
-(nanochat/dist_optim.py), device choice in nanochat/common.py. Parameter names follow the original
+(nanochat/optim.py), device choice in nanochat/common.py. Parameter names follow the original
 nanochat (`transformer.wte`, `transformer.h.{i}.attn.c_q`, ..., `lm_head`).
 
 KV-cache protocol (the cache class is nanochat.engine.KVCache): an object with
@@ -51,9 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.adamw import AdamW
 from nanochat.fused_loss import softcap_cross_entropy
-from nanochat.muon import Muon
+from nanochat.optim import AdamW, Muon
 
 
 @dataclass
@@ -171,7 +170,9 @@ class GPT(nn.Module):
         cos, sin = precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (1, 10·T, 1, D/2)
         self.register_buffer("sin", sin, persistent=False)
-        self.fused_loss = True  # see use_fused_loss()
+        # The fused head + loss (nanochat/fused_loss.py: the same math, less memory traffic) or the
+        # plain ops. Whoever places the model decides: nanochat.common.use_fused_loss.
+        self.fused_loss = False
 
     @torch.no_grad()
     def init_weights(self, embedding_dtype: torch.dtype = torch.float32) -> None:
@@ -207,7 +208,7 @@ class GPT(nn.Module):
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
         softcap = 15.0
-        if targets is not None and self.use_fused_loss(x):  # the same math, see nanochat/fused_loss.py
+        if targets is not None and self.fused_loss:  # the same math, see nanochat/fused_loss.py
             losses = softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.view(-1), softcap)
             if loss_reduction == "none":
                 return losses.view(B, T)
@@ -222,13 +223,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
-
-    def use_fused_loss(self, x: torch.Tensor) -> bool:
-        """The fused head + loss pays off in eager fp32 (CPU, MPS). torch.compile fuses the plain
-        path itself, and under autocast the plain path's bf16 matmul is what we want.
-        Set `model.fused_loss = False` to always take the plain path."""
-        return (self.fused_loss and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -256,7 +250,7 @@ class GPT(nn.Module):
         adamw = AdamW([dict(params=lm_head_params, lr=unembedding_lr * scale * lr_scale),
                        dict(params=embedding_params, lr=embedding_lr * scale * lr_scale)],
                       betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        muon = Muon(matrix_params, lr=matrix_lr * lr_scale, momentum=0.95)  # the training script ramps momentum
+        muon = Muon(matrix_params, lr=matrix_lr * lr_scale, momentum=0.95)  # base/mid ramp it via optim.step
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

@@ -52,7 +52,7 @@ import socket
 import subprocess
 import sys
 
-from nanochat.common import base_dir_path, get_dist_info
+from nanochat.common import atomic_write, base_dir_path, get_dist_info
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -110,10 +110,7 @@ def _fenced(text: str) -> list[str]:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), text=True)
 
 
 # -----------------------------------------------------------------------------
@@ -279,10 +276,8 @@ def plot_training_curve(history_path: str, png_path: str) -> bool:
         ax.set_title({"train_loss": "train loss (nats)", "val_bpb": "val bits per byte"}[key])
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, png_path)
     return True
 
 

@@ -249,24 +249,35 @@ def _messages_of(conversation: dict) -> list[dict]:
     return messages
 
 
+def role_order_error(roles: list, last: str | None = None) -> str | None:
+    """The one rule for the order of chat roles: an optional leading "system" message followed by a
+    user message, then user and assistant alternating, starting with user; with `last`, the final
+    message must have that role. None when `roles` follow it, else one line naming the first
+    message (its index in `roles`) that does not."""
+    first = 1 if roles and roles[0] == "system" else 0
+    if first and (len(roles) < 2 or roles[1] != "user"):
+        return "a system message must be followed by a user message (it is merged into it)"
+    for i in range(first, len(roles)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if roles[i] != expected:
+            return (f"message {i} has role {roles[i]!r} but {expected!r} was expected: roles must alternate "
+                    f"user/assistant starting with user (a system message may come first)")
+    if last is not None and roles and roles[-1] != last:
+        return f"the last message must be the {last}'s (it is the {roles[-1]}'s)"
+    return None
+
+
 def _check_messages(conversation: dict) -> list[dict]:
     """Validate roles and merge a leading system message into the first user message."""
     messages = _messages_of(conversation)
     if not messages:
         raise ValueError("the conversation has no messages")
-    offset = 0  # so errors name the index in the caller's list
+    error = role_order_error([message.get("role") for message in messages])
+    if error:
+        raise ValueError(error)
     if messages[0].get("role") == "system":
-        if len(messages) < 2 or messages[1].get("role") != "user":
-            raise ValueError("a system message must be followed by a user message (it is merged into it)")
         merged = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
         messages = [merged] + messages[2:]
-        offset = 1
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        role = message.get("role")
-        if role != expected:
-            raise ValueError(f"message {i + offset} has role {role!r} but {expected!r} was expected: roles must "
-                             f"alternate user/assistant starting with user (a system message may come first)")
     return messages
 
 

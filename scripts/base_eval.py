@@ -18,7 +18,7 @@ import os
 import time
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-from nanochat.common import base_dir_path, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import atomic_write, base_dir_path, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle_dir, load_bundle
 from nanochat.download import DownloadError
 from nanochat.flags import FlagError, parse_flags, print_flags
@@ -84,14 +84,10 @@ if compute.master_process:
     csv_dir = os.path.join(get_base_dir(), "base_eval")
     os.makedirs(csv_dir, exist_ok=True)
     csv_path = os.path.join(csv_dir, f"{model_tag}_{step:06d}.csv")
-    tmp = f"{csv_path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["task", "accuracy", "centered"])
-        for label, acc in out["results"].items():
-            writer.writerow([label, f"{acc:.6f}", f"{out['centered_results'][label]:.6f}"])
-        writer.writerow(["CORE", "", f"{out['core_metric']:.6f}"])
-    os.replace(tmp, csv_path)
+    rows = [["task", "accuracy", "centered"],
+            *([label, f"{acc:.6f}", f"{out['centered_results'][label]:.6f}"] for label, acc in out["results"].items()),
+            ["CORE", "", f"{out['core_metric']:.6f}"]]
+    atomic_write(csv_path, lambda f: csv.writer(f).writerows(rows), text=True)
     print0(f"wrote {csv_path}")
     get_report().log(section="Base model evaluation", data=[
         {"model": model_tag, "step": step, "max_per_task": cfg.max_per_task, "CORE": out["core_metric"],

@@ -11,9 +11,8 @@ Run:
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.engine import Engine
 from nanochat.flags import FlagError, parse_flags, print_flags
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, greedy_samples
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -56,24 +55,15 @@ bpb_results = {}
 for split in ("train", "val"):
     loader = tokenizing_distributed_data_loader(cfg.device_batch_size, sequence_len, split, device=device)
     with compute.autocast():
-        bpb_results[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        bpb_results[split] = evaluate_bpb(model, loader, steps, token_bytes, name=f"{split} bpb")
     print0(f"{split} bpb: {bpb_results[split]:.4f}")
 
 # -----------------------------------------------------------------------------
 # Greedy samples (rank 0)
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-samples = []
-if compute.master_process:
-    engine = Engine(model, tokenizer)  # KV-cache generation; greedy = temperature 0
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        with compute.autocast():
-            sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-        samples.append(tokenizer.decode(sequences[0][1:]))
-        print0(repr(samples[-1]))
+samples = greedy_samples(model, tokenizer, compute.autocast) if compute.master_process else []
+for sample in samples:
+    print0(repr(sample))
 
 # -----------------------------------------------------------------------------
 # Report, cleanup

@@ -18,8 +18,11 @@ gradient accumulation making up the rest (it must divide exactly).
 --compile: -1 = torch.compile on CUDA, off on CPU/MPS (a first compile costs ~1 min and does not
 pay off for tiny models); 0 = off; 1 = on.
 
-Every step prints the debiased EMA of the train loss, the LR multiplier, step time, tokens/s over
-the global batch, MFU (n/a when the device's peak is unknown) and an ETA. Checkpoints
+One step: grad_accum_steps forward/backward passes, then nanochat.optim.step (average across
+ranks, clip at --grad_clip, LR multiplier and Muon momentum, update), as every stage does it.
+Every step prints the progress line of nanochat/progress.py (the debiased EMA of the train loss,
+the LR multiplier, step time, tokens/s over the global batch, MFU (n/a when the device's peak is
+unknown), training time and an ETA). Checkpoints
 (model, per-rank optimiser shards, meta JSON with the dataloader and loop state) go to
 <base>/base_checkpoints/<model_tag>/ every --save_every steps and at the end.
 """
@@ -31,17 +34,15 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from nanochat import optim
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
-from nanochat.common import (compute_cleanup, compute_init, get_base_dir, get_device_name, get_peak_flops,
-                             get_wandb, print0)
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.dist_optim import clip_grad_norm
-from nanochat.engine import Engine
-from nanochat.flags import FlagError, accumulation_steps, parse_flags, print_flags
+from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, greedy_samples
+from nanochat.progress import TrainProgress
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -62,10 +63,7 @@ DEFAULTS = dict(
     # optimisation
     device_batch_size=32,
     total_batch_size=524288,
-    embedding_lr=0.2,
-    unembedding_lr=0.004,
-    matrix_lr=0.02,
-    weight_decay=0.0,
+    **optim.FLAGS,  # embedding_lr, unembedding_lr, matrix_lr, weight_decay
     grad_clip=1.0,  # 0 = no clipping
     warmup_ratio=0.0,
     warmdown_ratio=0.2,
@@ -91,10 +89,7 @@ device, master = compute.device, compute.master_process
 print_flags(cfg, DEFAULTS)
 
 # one optimiser step = total_batch_size tokens = grad_accum_steps x (device batch on every rank)
-tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
-world_tokens_per_fwdbwd = tokens_per_fwdbwd * compute.world_size
-grad_accum_steps = accumulation_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len,
-                                      compute.world_size)
+grad_accum_steps, eval_steps, batch_line = token_batch_plan(cfg, compute.world_size)
 wandb_run = get_wandb(cfg.run, project="nanochat", config=user_config, master_process=master)
 report = get_report()  # a no-op on ranks other than 0
 try:
@@ -126,6 +121,7 @@ if resuming:
     del model_data
 orig_model = model  # uncompiled: for saving, CORE and sampling
 use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
+orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile)
 if use_compile:
     model = torch.compile(model, dynamic=False)
 num_params = sum(p.numel() for p in orig_model.parameters())
@@ -147,21 +143,16 @@ else:
     raise FlagError("no horizon: set --num_iterations, --target_flops or --target_param_data_ratio > 0")
 num_iterations = max(1, num_iterations)
 total_tokens = cfg.total_batch_size * num_iterations
-print0(f"batch: {cfg.total_batch_size:,} tokens/step = {tokens_per_fwdbwd:,} per fwd/bwd x "
-       f"{compute.world_size} rank(s) x {grad_accum_steps} accumulation step(s)")
+print0(batch_line)
 print0(f"horizon: {num_iterations:,} steps, {total_tokens:,} tokens ({total_tokens / num_params:.2f} tokens/param), "
        f"{num_flops_per_token * total_tokens:e} FLOPs")
 
 # -----------------------------------------------------------------------------
 # Optimisers (Muon for block matrices, AdamW for embedding and head) and data
 
-optimizers = orig_model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
-adamw_optimizer, muon_optimizer = optimizers
+optimizers = optim.build(orig_model, cfg, states=optimizer_data if resuming else None)
 dataloader_state, loop_state = None, {}
 if resuming:
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
     del optimizer_data
     states = meta["dataloader_state"]
     if len(states) != compute.world_size:
@@ -175,7 +166,6 @@ try:
     x, y, x_state = next(train_loader)  # prefetch; x_state = loader position right after (x, y)
 except FileNotFoundError as e:  # no shards: the message says how to download them
     raise SystemExit(f"base_train: {e}") from None
-eval_steps = max(1, cfg.eval_tokens // world_tokens_per_fwdbwd)
 
 
 def val_batches():
@@ -183,30 +173,13 @@ def val_batches():
 
 
 # -----------------------------------------------------------------------------
-# Loop state, sampling
+# Loop state
 
 step = cfg.resume_from_step if resuming else 0
 min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
-smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)  # EMA, debiased when printed
-total_training_time = loop_state.get("total_training_time", 0.0)  # seconds of training steps, no evals
-timed_steps = loop_state.get("timed_steps", 0)  # steps counted in total_training_time
-first_step = step  # this process's first step includes compilation and warm-up: not timed
+progress_line = TrainProgress(compute, num_iterations, num_flops_per_token, first_step=step, state=loop_state)
 val_bpb = loop_state.get("val_bpb")
-ema_beta = 0.9
-peak_flops = get_peak_flops(get_device_name(compute.device_type)) if compute.device_type == "cuda" else None
 core_results = {}
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-
-
-def print_samples():
-    engine = Engine(orig_model, tokenizer, compile_decode=False)  # greedy; 16 tokens do not repay a compile
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        with compute.autocast():
-            sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-        print0(f"  {tokenizer.decode(sequences[0][1:])!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +191,7 @@ while True:
     if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
         model.eval()
         with compute.autocast():
-            val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
+            val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, name="val bpb")
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -237,7 +210,8 @@ while True:
     if master and cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
         orig_model.eval()
         print0(f"step {step:05d} | greedy samples:")
-        print_samples()
+        for sample in greedy_samples(orig_model, tokenizer, compute.autocast):
+            print0(f"  {sample!r}")
         orig_model.train()
 
     if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0
@@ -247,8 +221,7 @@ while True:
             dist.all_gather_object(states, dataloader_state)
         else:
             states = [dataloader_state]
-        loop_state = dict(min_val_bpb=min_val_bpb, smooth_train_loss=smooth_train_loss, val_bpb=val_bpb,
-                          total_training_time=total_training_time, timed_steps=timed_steps)
+        loop_state = dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=asdict(model_config), user_config=user_config, val_bpb=val_bpb,
                              dataloader_state=states, loop_state=loop_state,
@@ -258,7 +231,7 @@ while True:
     if last_step:
         break
 
-    # one optimiser step: grad_accum_steps forward/backward passes, sync, clip, update
+    # one optimiser step: grad_accum_steps forward/backward passes, then optim.step (sync, clip, update)
     compute.synchronize()
     t0 = time.time()
     train_loss = 0.0
@@ -269,46 +242,23 @@ while True:
         (loss / grad_accum_steps).backward()  # gradients add up over micro-steps: mean over the batch
         dataloader_state = x_state  # (x, y) is consumed
         x, y, x_state = next(train_loader)  # the next batch loads while the device works
-    for opt in optimizers:
-        opt.reduce_gradients()  # average across ranks (no-op on one rank)
-    grad_norm = clip_grad_norm(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None  # averaged gradient
-    lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon_optimizer.param_groups:
-        group["momentum"] = muon_momentum(step)
-    for opt in optimizers:
-        opt.step()  # each rank updates its shards, then the weights are all-gathered
-    orig_model.zero_grad(set_to_none=True)
+    lrm = optim.lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+    grad_norm = optim.step(optimizers, lrm, momentum=optim.muon_momentum(step), grad_clip=cfg.grad_clip)
     train_loss = train_loss.item()
     compute.synchronize()
     dt = time.time() - t0
     step += 1
 
     # logging
-    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-    debiased = smooth_train_loss / (1 - ema_beta ** step)
-    if step > first_step + 1:
-        total_training_time += dt
-        timed_steps += 1
-    tok_per_sec = int(cfg.total_batch_size / dt)
-    flops_per_sec = num_flops_per_token * cfg.total_batch_size / dt
-    mfu = 100 * flops_per_sec / (peak_flops * compute.world_size) if peak_flops else None  # percent
-    eta = (num_iterations - step) * (total_training_time / timed_steps if timed_steps else dt)
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {debiased:.6f} | "
-           f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/s {tok_per_sec:,} | mfu {f'{mfu:.2f}%' if mfu else 'n/a'} | "
-           f"time {total_training_time / 60:.2f}m | eta {eta / 60:.1f}m")
-    wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": tok_per_sec, **({"train/mfu": mfu} if mfu else {}),
+    step_metrics = progress_line.update(step, train_loss, lrm, dt, cfg.total_batch_size)  # prints the line
+    wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()},
                    **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})})
-    report.log_history({"step": step, "train_loss": debiased})
+    report.log_history({"step": step, "train_loss": step_metrics["loss"]})
 
 # -----------------------------------------------------------------------------
 # Totals, report, cleanup
 
-print0(f"peak memory: {compute.max_memory_allocated() / 1024 ** 2:.2f} MiB")
-print0(f"total training time: {total_training_time / 60:.2f}m")
+totals = progress_line.totals(compute)  # prints peak memory and training time
 print0(f"min val bpb: {min_val_bpb:.4f}")
 report.log(section="Base model training", data=[
     user_config,
@@ -317,8 +267,7 @@ report.log(section="Base model training", data=[
      "DDP world size": compute.world_size},
     {"min val bpb": min_val_bpb, "final val bpb": val_bpb,
      **({"CORE": core_results["core_metric"]} if core_results else {}),
-     "peak memory (MiB)": round(compute.max_memory_allocated() / 1024 ** 2, 2),
-     "total training time (m)": round(total_training_time / 60, 2)},
+     **totals},
 ])
 wandb_run.finish()
 compute_cleanup()

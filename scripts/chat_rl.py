@@ -18,7 +18,8 @@ s·examples_per_step ... in order, so a resumed run sees the same problems). For
 - objective = Σ log p(token) · advantage over the tokens the model sampled (the prompt and the
   calculator's forced output have mask 0 and contribute nothing), divided by the number of such
   tokens; the loss is −objective, averaged over the problems (and ranks).
-The LR is base LR · --init_lr_frac (0.05), linear to zero. Every --eval_every steps and at the end:
+The LR is base LR · --init_lr_frac (0.05), linear to zero; Muon's momentum stays 0.95 and there is
+no gradient clipping unless --grad_clip > 0 (as the reference); the update is nanochat.optim.step. Every --eval_every steps and at the end:
 pass@k for k = 1..device_batch_size on the first --eval_examples GSM8K test problems.
 Checkpoints (every --save_every steps and at the end) go to <base>/chatrl_checkpoints/<model_tag>/.
 """
@@ -27,14 +28,15 @@ import time
 
 import torch
 
+from nanochat import optim
 from nanochat.chat_evaluation import (all_reduce_sum, collate_masked, generative_outcomes, pass_at_k,
                                       policy_gradient_objective, sample_completions)
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.progress import TrainProgress
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
@@ -57,10 +59,8 @@ DEFAULTS = dict(
     # optimisation
     num_epochs=1,
     num_iterations=-1,  # -1 = num_epochs passes over GSM8K train
-    embedding_lr=0.2,
-    unembedding_lr=0.004,
-    matrix_lr=0.02,
-    weight_decay=0.0,
+    **optim.FLAGS,  # embedding_lr, unembedding_lr, matrix_lr, weight_decay
+    grad_clip=0.0,  # 0 = no clipping (the reference clips only in base_train)
     init_lr_frac=0.05,
     # evaluation and checkpoints
     eval_every=60,
@@ -104,13 +104,8 @@ print0(f"model: {start_source['source']} {start_source['model_tag']} step {start
 # -----------------------------------------------------------------------------
 # Optimisers: every LR scaled by init_lr_frac
 
-optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-                                    lr_scale=cfg.init_lr_frac)
-if resuming:
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
-    del optimizer_data
+optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+del optimizer_data
 
 # -----------------------------------------------------------------------------
 # Data and horizon
@@ -162,7 +157,10 @@ def evaluate_pass_at_k() -> dict:
 # Training loop: step counts optimiser updates done so far
 
 step = cfg.resume_from_step if resuming else 0
-passk = meta.get("loop_state", {}).get("passk", {}) if resuming else {}
+loop_state = meta.get("loop_state", {}) if resuming else {}
+passk = loop_state.get("passk", {})
+progress_line = TrainProgress(compute, num_iterations, model.estimate_flops(), first_step=step, state=loop_state,
+                              ema_beta=0.0)  # the step's own numbers, as the reference prints them
 while True:
     last_step = step == num_iterations
 
@@ -174,7 +172,7 @@ while True:
     if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
         save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, start_source=start_source,
-                             passk=passk, loop_state=dict(passk=passk)),
+                             passk=passk, loop_state=dict(passk=passk, **progress_line.state())),
                         rank=compute.rank)
 
     if last_step:
@@ -182,7 +180,7 @@ while True:
 
     # one optimiser step: examples_per_rank problems on this rank, num_samples answers each
     t0 = time.time()
-    reward_sum, sample_count, token_count = 0.0, 0, 0
+    reward_sum, sample_count, token_count, train_loss = 0.0, 0, 0, 0.0
     for k in range(examples_per_rank):
         index = (step * cfg.examples_per_step + compute.rank + k * compute.world_size) % len(train_task)
         rows, rewards, num_sampled = rollout(step, index)
@@ -193,27 +191,23 @@ while True:
             inputs, targets = collate_masked(rows[b0:b1], pad_id, device)  # (B, T), -1 off the sampled tokens
             with compute.autocast():
                 objective, _ = policy_gradient_objective(model, inputs, targets, advantages[b0:b1])
-            (-objective / normaliser).backward()
+            loss = -objective / normaliser
+            loss.backward()
+            train_loss += loss.detach()
         reward_sum += rewards.sum().item()
         sample_count += len(rows)
         token_count += sum(len(ids) for ids, _ in rows)
-    for opt in optimizers:
-        opt.reduce_gradients()  # average across ranks (no-op on one rank)
-    lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    reward_sum, sample_count, token_count = all_reduce_sum([reward_sum, sample_count, token_count], device)
+    lrm = optim.lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    optim.step(optimizers, lrm, grad_clip=cfg.grad_clip)  # Muon's momentum stays 0.95, as in the reference
+    reward_sum, sample_count, token_count, train_loss = all_reduce_sum(  # the loss: the mean over ranks
+        [reward_sum, sample_count, token_count, float(train_loss) / compute.world_size], device)
     compute.synchronize()
     dt = time.time() - t0
     step += 1
     mean_reward, mean_length = reward_sum / sample_count, token_count / sample_count
-    print0(f"step {step:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | mean sequence length "
-           f"{mean_length:.1f} | lrm {lrm:.4f} | dt {dt * 1000:.2f}ms")
-    wandb_run.log({"step": step, "train/reward": mean_reward, "train/sequence_length": mean_length, "train/lrm": lrm})
+    step_metrics = progress_line.update(step, train_loss, lrm, dt, int(token_count),
+                                        extra={"reward": mean_reward, "sequence_length": mean_length})
+    wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()}})
 
 # -----------------------------------------------------------------------------
 # Report, cleanup

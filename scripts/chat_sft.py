@@ -21,9 +21,12 @@ conversations r, r + world_size, ...; gradients accumulate over
 target_examples_per_step / (device_batch_size · world_size) fwd/bwd passes (must divide).
 
 Horizon: --num_epochs passes (--num_iterations > 0 overrides). LR: base LR · --init_lr_frac (0.02),
-linear to zero over the run. Every --eval_every steps: val loss on --eval_steps batches; every
---eval_metrics_every steps and at the end: MMLU and ARC-Easy accuracy on at most
---eval_metrics_max_problems questions (categorical evaluation, as chat_eval does it).
+linear to zero over the run; Muon's momentum stays 0.95 and there is no gradient clipping unless
+--grad_clip > 0 (as the reference). The update is nanochat.optim.step, the same as every stage's;
+each step prints the progress line of nanochat/progress.py (loss = the step's own train loss).
+Every --eval_every steps: val loss on --eval_steps batches; every --eval_metrics_every steps and at
+the end: MMLU and ARC-Easy accuracy on at most --eval_metrics_max_problems questions (categorical
+evaluation, as chat_eval does it).
 Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
 """
 
@@ -32,12 +35,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat import optim
 from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, run_categorical_eval
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.progress import TrainProgress
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier
 from tasks.arc import ARC
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
@@ -59,10 +63,8 @@ DEFAULTS = dict(
     num_epochs=1,
     num_iterations=-1,  # -1 = num_epochs passes over the mixture
     target_examples_per_step=32,
-    embedding_lr=0.2,
-    unembedding_lr=0.004,
-    matrix_lr=0.02,
-    weight_decay=0.0,
+    **optim.FLAGS,  # embedding_lr, unembedding_lr, matrix_lr, weight_decay
+    grad_clip=0.0,  # 0 = no clipping (the reference clips only in base_train)
     init_lr_frac=0.02,
     # evaluation and checkpoints
     eval_every=100,
@@ -110,13 +112,8 @@ print0(f"model: {start_source['source']} {start_source['model_tag']} step {start
 # -----------------------------------------------------------------------------
 # Optimisers: every LR scaled by init_lr_frac
 
-optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-                                    lr_scale=cfg.init_lr_frac)
-if resuming:
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
-    del optimizer_data
+optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+del optimizer_data
 
 # -----------------------------------------------------------------------------
 # Data: the SFT mixture, one conversation per row
@@ -192,6 +189,8 @@ def evaluate_val_loss() -> float:
 # Training loop: step counts optimiser updates done so far
 
 step = cfg.resume_from_step if resuming else 0
+progress_line = TrainProgress(compute, num_iterations, model.estimate_flops(), first_step=step, state=loop_state,
+                              ema_beta=0.0)  # the step's own loss, as the reference prints it
 val_loss = loop_state.get("val_loss")
 metrics = loop_state.get("metrics", {})
 metric_tasks = {}
@@ -226,7 +225,7 @@ while True:
         save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, val_loss=val_loss, metrics=metrics,
                              start_source=start_source, dataloader_state=states,
-                             loop_state=dict(val_loss=val_loss, metrics=metrics)),
+                             loop_state=dict(val_loss=val_loss, metrics=metrics, **progress_line.state())),
                         rank=compute.rank)
 
     if last_step:
@@ -234,7 +233,7 @@ while True:
 
     # one optimiser step over target_examples_per_step conversations
     t0 = time.time()
-    train_loss, num_tokens = 0.0, 0
+    train_loss, num_tokens, num_processed = 0.0, 0, 0
     for micro_step in range(grad_accum_steps):
         x, y, dataloader_state = next(train_loader)
         with compute.autocast():
@@ -242,23 +241,16 @@ while True:
         train_loss += loss.detach() / grad_accum_steps
         (loss / grad_accum_steps).backward()
         num_tokens += int((y >= 0).sum())
-    for opt in optimizers:
-        opt.reduce_gradients()  # average across ranks (no-op on one rank)
-    lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+        num_processed += y.numel()  # padding included: the work the device did
+    lrm = optim.lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    optim.step(optimizers, lrm, grad_clip=cfg.grad_clip)  # Muon's momentum stays 0.95, as in the reference
     train_loss = train_loss.item()
-    num_tokens = int(all_reduce_sum([num_tokens], device)[0])
+    num_tokens, num_processed = (int(n) for n in all_reduce_sum([num_tokens, num_processed], device))
     compute.synchronize()
     dt = time.time() - t0
     step += 1
-    print0(f"step {step:05d}/{num_iterations:05d} | train loss {train_loss:.6f} | lrm {lrm:.4f} | "
-           f"trained tokens {num_tokens:,} | dt {dt * 1000:.2f}ms")
-    wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/num_tokens": num_tokens})
+    step_metrics = progress_line.update(step, train_loss, lrm, dt, num_processed, extra={"num_tokens": num_tokens})
+    wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()}})
 
 # -----------------------------------------------------------------------------
 # Report, cleanup

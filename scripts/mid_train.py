@@ -19,31 +19,33 @@ dir ($NANOCHAT_DATA_DIR) has no copy of it, in which case the stand-in is used a
 so. (A failed Hugging Face download is an error, never a silent switch.)
 
 Packing: conversations are rendered (BOS, <|user_start|> ... <|assistant_end|>) and concatenated
-into one token stream; each fwd/bwd takes device_batch_size · max_seq_len + 1 contiguous tokens,
-exactly like the pretraining loader, and every token is a target (midtraining is still next-token
-prediction; SFT is where the loss is restricted to the assistant's tokens). Rank r renders
-conversations r, r + world_size, ...
+into one token stream, cut by the pretraining loader's packer (nanochat/dataloader.py): each
+fwd/bwd takes device_batch_size · max_seq_len + 1 contiguous tokens, and every token is a target
+(midtraining is still next-token prediction; SFT is where the loss is restricted to the
+assistant's tokens). Rank r renders conversations r, r + world_size, ...
 
 Horizon: one epoch. Progress = fraction of the mixture consumed (the maximum over ranks, so every
 rank agrees on the LR and on when to stop); --num_iterations > 0 stops after that many steps instead.
 LR: initial LR = base LR · --init_lr_frac, constant, then linear decay to 0 over the last 20% of
-progress (nanochat.schedules.lr_multiplier, the base schedule: it only ever decays). Muon momentum
-ramps 0.85 -> 0.95 over 300 steps. Val bits-per-byte every --eval_every steps and at the end.
+progress (nanochat.optim.lr_multiplier, the base schedule: it only ever decays). Muon momentum
+ramps 0.85 -> 0.95 over 300 steps; no gradient clipping unless --grad_clip > 0 (as the reference).
+The update is nanochat.optim.step, the same as every stage's. Val bits-per-byte every --eval_every steps and at the end.
 Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (same tag as the base model by default).
 """
 
 import time
-from collections import deque
 
 import torch
 import torch.distributed as dist
 
+from nanochat import optim
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
-from nanochat.common import compute_cleanup, compute_init, get_device_name, get_peak_flops, get_wandb, print0
-from nanochat.flags import FlagError, accumulation_steps, parse_flags, print_flags
+from nanochat.common import compute_cleanup, compute_init, get_wandb, print0, use_fused_loss
+from nanochat.dataloader import conversation_batches
+from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.progress import TrainProgress
 from nanochat.report import get_report
-from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.tokenizer import get_token_bytes
 from tasks.arc import ARC
 from tasks.common import TaskMixture
@@ -70,10 +72,8 @@ DEFAULTS = dict(
     device_batch_size=32,
     total_batch_size=524288,
     num_iterations=-1,  # -1 = one epoch of the mixture
-    embedding_lr=0.2,
-    unembedding_lr=0.004,
-    matrix_lr=0.02,
-    weight_decay=0.0,
+    **optim.FLAGS,  # embedding_lr, unembedding_lr, matrix_lr, weight_decay
+    grad_clip=0.0,  # 0 = no clipping (the reference clips only in base_train)
     init_lr_frac=1.0,
     # evaluation and checkpoints
     eval_every=150,
@@ -92,10 +92,7 @@ if cfg.mcq_data not in ("auto", "auxiliary_train", "standin"):
 compute = compute_init(cfg.device_type)
 device, master = compute.device, compute.master_process
 print_flags(cfg, DEFAULTS)
-tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
-world_tokens_per_fwdbwd = tokens_per_fwdbwd * compute.world_size
-grad_accum_steps = accumulation_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len,
-                                      compute.world_size)
+grad_accum_steps, eval_steps, batch_line = token_batch_plan(cfg, compute.world_size)
 wandb_run = get_wandb(cfg.run, project="nanochat-mid", config=user_config, master_process=master)
 report = get_report()
 
@@ -115,26 +112,21 @@ if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len
 model_config = meta["model_config"]
 orig_model = model  # uncompiled: for saving
 use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
+orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile)
 if use_compile:
     model = torch.compile(model, dynamic=False)
 num_flops_per_token = orig_model.estimate_flops()
 print0(f"model: base {start_source['model_tag']} step {start_source['step']}, {model_config}, compile {use_compile}")
-print0(f"batch: {cfg.total_batch_size:,} tokens/step = {tokens_per_fwdbwd:,} per fwd/bwd x "
-       f"{compute.world_size} rank(s) x {grad_accum_steps} accumulation step(s)")
+print0(batch_line)
 
 # -----------------------------------------------------------------------------
 # Optimisers: the base recipe's, every LR scaled by init_lr_frac
 
-optimizers = orig_model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-                                         lr_scale=cfg.init_lr_frac)
-if resuming:
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
-    del optimizer_data
+optimizers = optim.build(orig_model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+del optimizer_data
 
 # -----------------------------------------------------------------------------
-# Data: the mixtures and the packer
+# Data: the mixtures, packed by nanochat/dataloader.py
 
 
 def mcq_tasks():
@@ -165,51 +157,8 @@ for name, dataset in (("train", train_dataset), ("val", val_dataset)):
 
 
 def packed_batches(dataset, loop: bool, state: dict | None = None):
-    """Yield (inputs (B, T), targets (B, T), state, progress) from this rank's conversations
-    (rank, rank + world_size, ...) rendered and concatenated. `state` = the oldest conversation still
-    buffered (epoch, index) and how many of its tokens are consumed: it restarts the stream exactly.
-    progress = epoch + index / len(dataset). loop=False: one pass, the last partial batch dropped."""
-    B, T = cfg.device_batch_size, cfg.max_seq_len
-    needed = B * T + 1
-    epoch, index, skip = (state["epoch"], state["index"], state["token_offset"]) if state else (0, compute.rank, 0)
-    chunks = deque()  # [((epoch, index), 1-D tensor of the conversation's tokens)], oldest first
-    offset = 0  # tokens of chunks[0] already consumed
-    buffered = 0  # tokens in the queue not yet consumed
-
-    def take(n):
-        nonlocal epoch, index, offset, buffered
-        while buffered < n:
-            if index >= len(dataset):
-                if not loop:
-                    return None
-                epoch, index = epoch + 1, compute.rank
-            ids, _ = tokenizer.render_conversation(dataset[index], max_tokens=None)
-            chunks.append(((epoch, index), torch.tensor(ids, dtype=torch.long)))
-            buffered += len(ids)
-            index += compute.world_size
-        pieces = []
-        while n > 0:
-            tokens = chunks[0][1]
-            if offset == len(tokens):
-                chunks.popleft()
-                offset = 0
-                continue
-            piece = tokens[offset:offset + n]
-            pieces.append(piece)
-            offset, buffered, n = offset + len(piece), buffered - len(piece), n - len(piece)
-        return torch.cat(pieces)
-
-    if skip:
-        take(skip)
-    while True:
-        window = take(needed)  # (B·T+1,)
-        if window is None:
-            return
-        inputs = window[:-1].view(B, T).to(device, non_blocking=True)  # (B, T)
-        targets = window[1:].view(B, T).to(device, non_blocking=True)  # (B, T)
-        (chunk_epoch, chunk_index), _ = chunks[0]
-        state = dict(epoch=chunk_epoch, index=chunk_index, token_offset=offset)
-        yield inputs, targets, state, chunk_epoch + chunk_index / len(dataset)
+    """(inputs, targets, state, progress) batches of this rank's conversations: the pretraining packer."""
+    return conversation_batches(dataset, tokenizer, cfg.device_batch_size, cfg.max_seq_len, loop, device, state)
 
 
 def max_over_ranks(value: float) -> float:
@@ -225,7 +174,6 @@ dataloader_state = meta["dataloader_state"][compute.rank] if resuming else None
 train_loader = packed_batches(train_dataset, loop=True, state=dataloader_state)
 x, y, x_state, x_progress = next(train_loader)  # prefetch; x_state = stream position right after (x, y)
 token_bytes = get_token_bytes(device=device)
-eval_steps = max(1, cfg.eval_tokens // world_tokens_per_fwdbwd)
 
 # -----------------------------------------------------------------------------
 # Schedules: LR by progress through the epoch (or by step with --num_iterations)
@@ -235,8 +183,8 @@ PROGRESS_TICKS = 10_000  # lr_multiplier counts in steps: measure epoch progress
 
 def get_lr_multiplier(step: int, progress: float) -> float:
     if cfg.num_iterations > 0:
-        return lr_multiplier(step, cfg.num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)
-    return lr_multiplier(min(round(progress * PROGRESS_TICKS), PROGRESS_TICKS), PROGRESS_TICKS,
+        return optim.lr_multiplier(step, cfg.num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)
+    return optim.lr_multiplier(min(round(progress * PROGRESS_TICKS), PROGRESS_TICKS), PROGRESS_TICKS,
                          warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)
 
 
@@ -247,11 +195,8 @@ step = cfg.resume_from_step if resuming else 0
 progress = loop_state.get("progress", 0.0)  # fraction of the epoch consumed before this step
 min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
 val_bpb = loop_state.get("val_bpb")
-smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
-total_training_time = loop_state.get("total_training_time", 0.0)
-first_step = step
-ema_beta = 0.9
-peak_flops = get_peak_flops(get_device_name(compute.device_type)) if compute.device_type == "cuda" else None
+progress_line = TrainProgress(compute, cfg.num_iterations if cfg.num_iterations > 0 else None, num_flops_per_token,
+                              first_step=step, state=loop_state)
 
 while True:
     last_step = step == cfg.num_iterations if cfg.num_iterations > 0 else progress >= 1.0
@@ -259,7 +204,8 @@ while True:
     if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
         model.eval()
         with compute.autocast():
-            val_bpb = evaluate_bpb(model, packed_batches(val_dataset, loop=False), eval_steps, token_bytes)
+            val_bpb = evaluate_bpb(model, packed_batches(val_dataset, loop=False), eval_steps, token_bytes,
+                                   name="val bpb")
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -271,8 +217,7 @@ while True:
             dist.all_gather_object(states, dataloader_state)
         else:
             states = [dataloader_state]
-        loop_state = dict(progress=progress, min_val_bpb=min_val_bpb, val_bpb=val_bpb,
-                          smooth_train_loss=smooth_train_loss, total_training_time=total_training_time)
+        loop_state = dict(progress=progress, min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, val_bpb=val_bpb,
                              start_source=start_source, dataloader_state=states, loop_state=loop_state),
@@ -281,7 +226,7 @@ while True:
     if last_step:
         break
 
-    # one optimiser step: grad_accum_steps forward/backward passes, sync, update
+    # one optimiser step: grad_accum_steps forward/backward passes, then optim.step (sync, update)
     compute.synchronize()
     t0 = time.time()
     lrm = get_lr_multiplier(step, progress)
@@ -293,16 +238,7 @@ while True:
         (loss / grad_accum_steps).backward()
         dataloader_state, data_progress = x_state, x_progress  # (x, y) is consumed
         x, y, x_state, x_progress = next(train_loader)
-    for opt in optimizers:
-        opt.reduce_gradients()  # average across ranks (no-op on one rank)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if "momentum" in group:  # Muon
-                group["momentum"] = muon_momentum(step)
-    for opt in optimizers:
-        opt.step()
-    orig_model.zero_grad(set_to_none=True)
+    optim.step(optimizers, lrm, momentum=optim.muon_momentum(step), grad_clip=cfg.grad_clip)
     train_loss = train_loss.item()
     compute.synchronize()
     dt = time.time() - t0
@@ -310,23 +246,13 @@ while True:
     progress = step / cfg.num_iterations if cfg.num_iterations > 0 else max_over_ranks(data_progress)
 
     # logging
-    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-    debiased = smooth_train_loss / (1 - ema_beta ** step)
-    if step > first_step + 1:
-        total_training_time += dt  # the first step of a process includes warm-up (and compilation)
-    tok_per_sec = int(cfg.total_batch_size / dt)
-    flops_per_sec = num_flops_per_token * cfg.total_batch_size / dt
-    mfu = f"{100 * flops_per_sec / (peak_flops * compute.world_size):.2f}%" if peak_flops else "n/a"
-    print0(f"step {step:05d} ({100 * min(progress, 1.0):.2f}%) | loss {debiased:.6f} | lrm {lrm:.4f} | dt {dt * 1000:.2f}ms | "
-           f"tok/s {tok_per_sec:,} | mfu {mfu} | time {total_training_time / 60:.2f}m")
-    wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/progress": progress})
+    step_metrics = progress_line.update(step, train_loss, lrm, dt, cfg.total_batch_size, fraction=progress)
+    wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()}, "train/progress": progress})
 
 # -----------------------------------------------------------------------------
 # Totals, report, cleanup
 
-print0(f"peak memory: {compute.max_memory_allocated() / 1024 ** 2:.2f} MiB")
-print0(f"total training time: {total_training_time / 60:.2f}m")
+totals = progress_line.totals(compute)  # prints peak memory and training time
 print0(f"min val bpb: {min_val_bpb:.4f}")
 report.log(section="Midtraining", data=[
     user_config,
@@ -334,8 +260,7 @@ report.log(section="Midtraining", data=[
      "train conversations": len(train_dataset), "val conversations": len(val_dataset), "iterations": step,
      "DDP world size": compute.world_size},
     {"min val bpb": min_val_bpb, "final val bpb": val_bpb,
-     "peak memory (MiB)": round(compute.max_memory_allocated() / 1024 ** 2, 2),
-     "total training time (m)": round(total_training_time / 60, 2)},
+     **totals},
 ])
 wandb_run.finish()
 compute_cleanup()

@@ -22,6 +22,7 @@ import json
 import os
 import time
 
+from nanochat.common import atomic_write
 from nanochat.dataset import get_data_dir, parquets_iter_batched, split_files
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.report import get_report
@@ -136,7 +137,5 @@ print("token bytes: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
 
 results = [dict(train_time_s=round(train_time, 2), docs=seen["docs"], chars=seen["chars"],
                 trained_vocab_size=tokenizer.get_vocab_size()), stats]
-with open(settings_path + ".tmp", "w") as f:
-    json.dump(dict(settings=settings, results=results), f, indent=2)
-os.replace(settings_path + ".tmp", settings_path)
+atomic_write(settings_path, lambda f: json.dump(dict(settings=settings, results=results), f, indent=2), text=True)
 get_report().log(section="Tokenizer training", data=[vars(cfg), *results])

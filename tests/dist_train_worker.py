@@ -11,16 +11,16 @@ The model has awkward shapes on purpose: vocab 67 rows (AdamW pads dim 0 to spli
 ranks), 3 layers (Muon's same-shape groups have an odd count, so the last list is padded and one
 rank owns nothing in it), GQA (c_k/c_v form their own shape group). Every step accumulates 4
 micro-batches of 2 rows globally (4 on one rank, 2 per rank on two), clips at a norm the gradient
-exceeds, and changes the learning rates and Muon's momentum, as base_train does.
+exceeds, and changes the learning rates and Muon's momentum: nanochat.optim.step, as every
+training script calls it.
 """
 
 import sys
 
 import torch
 
-from nanochat.dist_optim import clip_grad_norm
+from nanochat import optim
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.schedules import muon_momentum
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=67, n_layer=3, n_head=2, n_kv_head=1, n_embd=32)
 STEPS, MICRO_BATCHES, ROWS, MAX_NORM = 4, 4, 2, 0.3
@@ -44,16 +44,9 @@ def train(rank: int, world_size: int) -> dict:
             rows = slice((rank * accum + k) * ROWS, (rank * accum + k + 1) * ROWS)
             (model(x[rows], y[rows]) / accum).backward()
         local_norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
-        for opt in optimizers:
-            opt.reduce_gradients()
-        norms.append(clip_grad_norm(optimizers, MAX_NORM).item())
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * (1 - step / STEPS)
-                if "momentum" in group:
-                    group["momentum"] = muon_momentum(step, ramp_steps=STEPS)
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        norm = optim.step(optimizers, 1 - step / STEPS, momentum=optim.muon_momentum(step, ramp_steps=STEPS),
+                          grad_clip=MAX_NORM)  # the step every training script takes
+        norms.append(norm.item())
     adamw, muon = optimizers
     return dict(
         params={name: p.detach().clone() for name, p in model.named_parameters()},

@@ -355,7 +355,7 @@ def test_bad_flags_are_clear_errors(base_dir_with_tokenizer):
 
 def lrm_by_step(stdout):
     return [(int(s), float(p), float(lrm)) for s, p, lrm in
-            re.findall(r"^step (\d+) \(([\d.]+)%\) \| loss [\d.]+ \| lrm ([\d.]+)", stdout, flags=re.M)]
+            re.findall(r"^step (\d+)/~?\d+ \(([\d.]+)%\) \| loss [\d.]+ \| lrm ([\d.]+)", stdout, flags=re.M)]
 
 
 @pytest.mark.slow
@@ -393,12 +393,15 @@ def test_pipeline_mid_sft_rl_eval(chat_base):
     sft_meta = json.loads((base / "chatsft_checkpoints" / "d2" / f"meta_{num_steps:06d}.json").read_text())
     assert sft_meta["start_source"] == {"source": "mid", "model_tag": "d2", "step": last}
     assert set(sft_meta["metrics"]) == {"MMLU", "ARC-Easy"} and 0 < sft_meta["val_loss"] < 20
-    assert re.search(rf"step {num_steps:05d}/{num_steps:05d} \| train loss [\d.]+ \| lrm 0\.\d+", sft.stdout)
+    # the progress line every stage prints (nanochat/progress.py), with SFT's trained-token count
+    assert re.search(rf"step {num_steps:05d}/{num_steps:05d} \(100\.00%\) \| loss [\d.]+ \| lrm 0\.\d+ \| "
+                     rf"dt .* \| eta [\d.]+m \| num_tokens [\d,]+", sft.stdout)
 
     rl = run("scripts.chat_rl", "--device_type=cpu", "--num_iterations=2", "--examples_per_step=2",
              "--num_samples=4", "--device_batch_size=2", "--max_new_tokens=16", "--eval_every=2", "--eval_examples=3")
     assert rl.returncode == 0, rl.stderr[-3000:]
-    assert len(re.findall(r"^step 0000[12]/00002 \| mean reward [\d.]+ \| mean sequence length", rl.stdout, re.M)) == 2
+    assert len(re.findall(r"^step 0000[12]/00002 \(\d+\.00%\) \| loss -?[\d.]+ \| lrm .* \| reward [\d.]+ \| "
+                          r"sequence_length [\d.]+$", rl.stdout, re.M)) == 2
     rl_meta = json.loads((base / "chatrl_checkpoints" / "d2" / "meta_000002.json").read_text())
     assert set(rl_meta["passk"]) == {"pass@1", "pass@2"} and rl_meta["start_source"]["source"] == "sft"
 

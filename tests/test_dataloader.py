@@ -150,3 +150,33 @@ def test_too_many_ranks_is_a_clear_error(tiny_tokenizer, small_shards, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "6")  # the val shard has only 4 row groups
     with pytest.raises(RuntimeError, match="no row groups"):
         next(tokenizing_distributed_data_loader(1, 8, "val"))
+
+
+# -----------------------------------------------------------------------------
+# The packer, as mid_train uses it: rendered conversations
+
+
+def conversations(n: int) -> list[dict]:
+    """n short, distinct conversations of uneven length."""
+    return [{"messages": [{"role": "user", "content": f"question {i}: " + "why? " * (i % 7)},
+                          {"role": "assistant", "content": f"answer {i} " * (1 + i % 5)}]} for i in range(n)]
+
+
+@pytest.mark.parametrize("B,T", [(1, 16), (2, 40), (3, 100)])
+def test_conversation_batches_pack_the_rendered_stream_and_resume_exactly(tiny_tokenizer, B, T):
+    from nanochat.dataloader import conversation_batches
+    dataset = conversations(23)
+    stream = [t for c in dataset for t in tiny_tokenizer.render_conversation(c, max_tokens=None)[0]]
+    need = B * T + 1
+    one_pass = list(conversation_batches(dataset, tiny_tokenizer, B, T, loop=False))
+    assert len(one_pass) == len(stream) // need  # the last partial batch is dropped
+    for k, b in enumerate(one_pass):
+        assert window(b[:3]) == stream[k * need:(k + 1) * need]
+    looped = take(conversation_batches(dataset, tiny_tokenizer, B, T, loop=True), 2 * len(one_pass) + 3)
+    assert looped[-1][2]["epoch"] >= 1 and looped[-1][3] > 1  # progress counts epochs
+    for k in range(len(looped) - 1):
+        state = json.loads(json.dumps(looped[k][2]))
+        resumed = conversation_batches(dataset, tiny_tokenizer, B, T, loop=True, state=state)
+        for j, b in enumerate(take(resumed, min(2, len(looped) - 1 - k))):
+            assert window(b[:3]) == window(looped[k + 1 + j][:3]), f"resume after batch {k} diverges at +{j}"
+            assert b[2] == looped[k + 1 + j][2]

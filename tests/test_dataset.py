@@ -44,7 +44,7 @@ def test_download_is_byte_identical(server, base_dir):
         name = dataset.shard_filename(i)
         assert (data_dir / name).read_bytes() == open(os.path.join(server.root, name), "rb").read()
     assert _leftovers(data_dir) == []
-    assert dataset.DATA_DIR == str(data_dir)  # follows $NANOCHAT_BASE_DIR
+    assert dataset.get_data_dir() == str(data_dir)  # follows $NANOCHAT_BASE_DIR
 
 
 def test_existing_files_are_skipped(server, base_dir):

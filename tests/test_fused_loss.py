@@ -71,18 +71,18 @@ def test_gpt_fused_loss_equals_plain_loss_and_gradients(reduction):
         assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_gpt_takes_the_plain_path_where_it_should():
-    model = tiny_model()
-    x = torch.zeros(1, 4)
-    assert model.use_fused_loss(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not model.use_fused_loss(x)
-    model.fused_loss = False
-    assert not model.use_fused_loss(x)
+def test_the_fused_path_is_chosen_in_one_place():
+    """gpt.py takes whichever path model.fused_loss says (plain by default); common.use_fused_loss
+    decides it: fused only in eager fp32, i.e. off CUDA (bf16 autocast) and uncompiled."""
+    from nanochat.common import use_fused_loss
+    assert use_fused_loss("cpu") and use_fused_loss("mps")
+    assert not use_fused_loss("cuda") and not use_fused_loss("cpu", compiled=True)
+    assert tiny_model().fused_loss is False
 
 
 def test_gpt_mean_over_only_ignored_targets_is_nan_like_torch():
     model = tiny_model()
+    model.fused_loss = True
     x, y = torch.randint(0, 256, (1, 8)), torch.full((1, 8), -1)
     assert torch.isnan(model(x, y))
     model.fused_loss = False

@@ -337,3 +337,8 @@ def test_gpt_file_has_no_device_or_rank_code():
     for forbidden in ("cuda", "distributed", "get_rank", "get_world", "environ", "mps"):
         assert forbidden not in names, f"gpt.py must stay pure math, but uses {forbidden!r}"
     assert not strings & {"cuda", "cpu", "mps", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    # one forward path: no decision by device, dtype or compile state (nanochat.common.use_fused_loss
+    # chooses the fused loss); docstrings and comments may talk about them
+    code = "".join(t.string for t in tokens if t.type not in (tokenize.STRING, tokenize.COMMENT))
+    for branch in ("device.type", "torch.cuda", "is_compiling", "is_autocast_enabled", "torch.compiler"):
+        assert branch not in code, f"gpt.py branches on {branch!r}"

@@ -12,7 +12,7 @@ The bounds below are about 2x those figures.
 import pytest
 import torch
 
-from nanochat.muon import zeropower_compiled, zeropower_via_newtonschulz5
+from nanochat.optim import zeropower_compiled, zeropower_via_newtonschulz5
 
 BF16_BOUND = 0.03  # measured <= 0.0135 (see above)
 COMPILED_FP32_BOUND = 1e-4  # measured <= 1.6e-6

@@ -1,5 +1,5 @@
 """
-Tests for nanochat/adamw.py, nanochat/muon.py and nanochat/dist_optim.py on one process (the
+Tests for nanochat/optim.py on one process (the
 2-rank equivalence is tests/test_distributed.py).
 
 - AdamW equals torch.optim.AdamW step for step (two groups, weight decay on and off, changing lr).
@@ -19,10 +19,9 @@ import copy
 import pytest
 import torch
 
-from nanochat.adamw import AdamW
-from nanochat.dist_optim import clip_grad_norm
+from nanochat import optim
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.muon import Muon, zeropower_via_newtonschulz5
+from nanochat.optim import AdamW, Muon, clip_grad_norm, zeropower_via_newtonschulz5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -183,16 +182,10 @@ def test_muon_rejects_non_matrices():
 
 
 def train_step(model, optimizers, batches, max_norm=None):
-    """One optimiser step over micro-batches, the way scripts/base_train.py does it."""
+    """One optimiser step over micro-batches, the way every training script does it."""
     for x, y in batches:
         (model(x, y) / len(batches)).backward()
-    for opt in optimizers:
-        opt.reduce_gradients()
-    norm = clip_grad_norm(optimizers, max_norm) if max_norm else None
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return norm
+    return optim.step(optimizers, 1.0, grad_clip=max_norm or 0.0)
 
 
 def test_grad_accumulation_4x1_equals_2x2():
@@ -272,3 +265,57 @@ def test_bench_train_runs_and_reports():
     for row in ("tokens per step", "tokens/s", "model FLOP/s", "MFU vs measured fp32 matmul"):
         assert row in proc.stdout
     assert "128 tokens" in proc.stdout  # 2 micro-batches x 2 rows x 32 tokens
+
+
+# -----------------------------------------------------------------------------
+# One step for every stage
+
+
+STAGES = {"base_train": 1.0, "mid_train": 0.0, "chat_sft": 0.0, "chat_rl": 0.0}  # the reference's grad_clip
+
+
+def stage_default(path, flag: str):
+    """The value of `flag` in the script's `DEFAULTS = dict(...)`, read with ast (importing a script
+    would run it)."""
+    import ast
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "DEFAULTS":
+            return next(ast.literal_eval(k.value) for k in node.value.keywords if k.arg == flag)
+    raise AssertionError(f"{path} has no DEFAULTS")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_takes_the_one_step_and_clips_by_flag(stage):
+    """Every training script updates through nanochat.optim.step with its --grad_clip flag, and
+    writes no update logic of its own (no reduce, clip, lr/momentum assignment or opt.step())."""
+    from conftest import REPO_ROOT
+    path = REPO_ROOT / "scripts" / f"{stage}.py"
+    source = path.read_text()
+    calls = [line.strip() for line in source.splitlines() if "optim.step(" in line]
+    assert len(calls) == 1 and calls[0].startswith(("optim.step(optimizers", "grad_norm = optim.step(optimizers"))
+    assert "grad_clip=cfg.grad_clip" in calls[0] and "\nfrom nanochat import optim\n" in source
+    for own_logic in ("reduce_gradients", "clip_grad_norm", 'group["lr"]', 'group["momentum"]', "opt.step()",
+                      "zero_grad"):
+        assert own_logic not in source, f"{stage} does {own_logic} itself"
+    assert stage_default(path, "grad_clip") == STAGES[stage]
+    ramps = "momentum=optim.muon_momentum(step)" in calls[0]
+    assert ramps == (stage in ("base_train", "mid_train"))  # as the reference: SFT and RL keep 0.95
+
+
+def test_step_sets_schedules_clips_and_drops_gradients():
+    torch.manual_seed(3)
+    x = torch.randint(0, 97, (2, 16))
+    model, reference = tiny_gpt(), tiny_gpt()
+    optimizers = model.setup_optimizers()
+    model(x, x).backward()
+    reference(x, x).backward()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    norm = optim.step(optimizers, 0.5, momentum=0.9, grad_clip=0.1)
+    assert norm.item() == pytest.approx(expected_norm.item(), rel=1e-6)
+    adamw, muon = optimizers
+    assert all(g["lr"] == 0.5 * g["initial_lr"] for opt in optimizers for g in opt.param_groups)
+    assert all(g["momentum"] == 0.9 for g in muon.param_groups)
+    assert all(p.grad is None for p in model.parameters())
+    model(x, x).backward()
+    assert optim.step(optimizers, 1.0) is None  # no clipping: no norm, momentum left as it was
+    assert all(g["momentum"] == 0.9 for g in muon.param_groups)

@@ -1,8 +1,8 @@
-"""Tests for nanochat/schedules.py: the LR multiplier and the Muon momentum ramp, point by point."""
+"""Tests for the schedules in nanochat/optim.py: the LR multiplier and the Muon momentum ramp, point by point."""
 
 import pytest
 
-from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.optim import lr_multiplier, muon_momentum
 
 
 def test_lr_constant_then_linear_warmdown_to_zero():
