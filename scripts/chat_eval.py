@@ -10,7 +10,15 @@ Run:
 Tasks (-a, separated by '|'; default all): ARC-Easy, ARC-Challenge, MMLU (categorical: one forward
 pass, argmax over the answer letters' logits, batched by -b), GSM8K, HumanEval (generative: -n
 samples of up to -m tokens at temperature -t with top-k -k; a problem passes if any sample does).
--x caps the problems per task. Under torchrun each rank takes every world_size-th problem.
+-x caps the problems per task, taken in the reference's item order (every data set shuffled with
+seed 42, as Hugging Face datasets' shuffle(seed=42) does), so `-x 100` scores the reference's
+first 100. Every problem is sampled with seed 42. Under torchrun each rank takes every
+world_size-th problem.
+
+HumanEval runs, by default, the reference's program: the prompt's imports plus the code extracted
+from the completion (the model must write the whole function), so its numbers compare with the
+published ones. --humaneval-assembly=official runs the OpenAI harness's prompt + completion
+instead (a body-only completion then passes). The report section records which one was used.
 
 ChatCORE = mean over tasks of (acc − baseline)/(1 − baseline), baseline 0.25 for the multiple
 choice tasks and 0 for the generative ones. It goes into the report as "ChatCORE" only when all
@@ -40,6 +48,9 @@ parser.add_argument("-n", "--num-samples", type=int, default=1, help="generative
 parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = off)")
 parser.add_argument("-b", "--batch-size", type=int, default=8, help="categorical tasks: prompts per forward pass")
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
+parser.add_argument("--humaneval-assembly", default="reference", choices=["reference", "official"],
+                    help="HumanEval program: the reference's (prompt imports + extracted code, default) or the "
+                         "official harness's (prompt + completion)")
 parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--device_type", "--device-type", default="", choices=["", "cuda", "mps", "cpu"],
@@ -76,7 +87,7 @@ print0(f"evaluating the {args.source} model, step {meta['step']}, on {', '.join(
 
 results, seconds = {}, {}
 for name in task_names:
-    task = load_task(name)
+    task = load_task(name, humaneval_assembly=args.humaneval_assembly)
     t0 = time.time()
     with compute.autocast():
         results[name] = run_task(name, task, model, tokenizer, engine, batch_size=args.batch_size,
@@ -84,7 +95,8 @@ for name in task_names:
                                  temperature=args.temperature, top_k=args.top_k or None,
                                  max_problems=args.max_problems)
     seconds[name] = time.time() - t0
-    print0(f"{name} accuracy: {100 * results[name]:.2f}% ({seconds[name]:.1f}s)")
+    how = f", {args.humaneval_assembly} program assembly" if name == "HumanEval" else ""
+    print0(f"{name} accuracy: {100 * results[name]:.2f}% ({seconds[name]:.1f}s{how})")
 
 # -----------------------------------------------------------------------------
 # Table, ChatCORE, report
