@@ -14,7 +14,7 @@ Design choices:
   cannot change it). As in the reference, prompts are never cropped to the training context
   (`sequence_len`): the rotary tables cover 10x it. Only a prompt longer than those tables, which
   the model cannot run at all, keeps its last tokens, and the output says how many did.
-- Generative tasks (GSM8K, HumanEval) sample `num_samples` completions with the Engine (KV cache,
+- Generative tasks (GSM8K, HumanEval, SpellingBee) sample `num_samples` completions with the Engine (KV cache,
   calculator tool use); a problem passes if any sample passes (`task.evaluate`). Every problem
   is sampled with seed 42, the reference's (its engine's default), so results do not depend on
   how problems are split over ranks.
@@ -41,7 +41,7 @@ from nanochat.common import get_dist_info, print0
 from nanochat.core_eval import max_positions
 
 # chance accuracy of each evaluation task: 4-way multiple choice, or open-ended generation
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 TASK_NAMES = list(BASELINES)
 
 
@@ -55,9 +55,11 @@ def load_task(name: str, humaneval_assembly: str = "reference"):
     from tasks.gsm8k import GSM8K
     from tasks.humaneval import HumanEval
     from tasks.mmlu import MMLU
+    from tasks.spellingbee import SpellingBee
     constructors = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
                     "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("test"),
-                    "HumanEval": lambda: HumanEval(assembly=humaneval_assembly)}
+                    "HumanEval": lambda: HumanEval(assembly=humaneval_assembly),
+                    "SpellingBee": lambda: SpellingBee(size=256, split="test")}  # the reference's 256
     if name not in constructors:
         raise ValueError(f"unknown chat eval task {name!r}; choose from {TASK_NAMES}")
     return constructors[name]()

@@ -20,20 +20,19 @@ How one item is scored (the conventions of the original nanochat / DCLM evaluati
 - every sequence starts with BOS. The scored span is what follows the tokens all choices share
   (multiple choice), what precedes the tokens all options share (schema), or what follows the
   prompt without the continuation (language modeling);
-- no cropping, as in the reference: a prompt longer than the training context (`sequence_len`)
-  is scored whole, since the rotary tables cover 10x it. Only a sequence longer than the model can
-  run at all (`max_positions`: the rotary table length) loses tokens on the left, and the task's
-  output line says how many items were cropped (the reference would fail on them);
+- no cropping to the training context, as in the reference (the rotary tables cover 10x it).
+  Only a sequence longer than the model can run at all (`max_positions`) loses tokens on the
+  left, and the task's output line counts those items (the reference would fail on them);
 - multiple choice / schema: correct if the gold sequence has the lowest mean cross-entropy over its
   span (ties go to the lowest index); language modeling: correct if the greedy argmax predicts
   every continuation token.
 Items are shuffled with `random.Random(1337)`, capped to `max_per_task`; rank r scores items
 r, r + world_size, ...; per-item results are all-reduced. Centered accuracy = (acc - b) / (1 - b)
-with b the random baseline; CORE = mean centered accuracy over the tasks of core.yaml (22 in the
-full bundle). A task whose data file is missing is skipped, and so are tasks left out by `tasks=`:
-the others are scored, the missing ones are listed in one line, and the result is labelled
-"CORE partial (k/22 tasks)" (`core_label`), never plain CORE. Several items are packed into one forward pass (`batch_size` sequences, right-padded);
-the model is causal, so padding never changes a score.
+with b the random baseline; CORE = mean centered accuracy over the 22 tasks of core.yaml. Tasks
+whose data file is missing, or left out by `tasks=`, are not scored (the missing ones are listed
+in one line), and the mean of the others is labelled "CORE partial (k/22 tasks)" (`core_label`).
+Several items are packed into one forward pass (`batch_size` sequences, right-padded); the model
+is causal, so padding never changes a score.
 
     from nanochat.core_eval import evaluate_core
     out = evaluate_core(model, tokenizer, device, max_per_task=500)  # out["core_metric"]
@@ -397,18 +396,16 @@ def evaluate_task(model, tokenizer, data: list[dict], device, task_meta: dict, b
     ddp = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     indices = list(range(rank, len(data), world_size))
-    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    was_cropped = torch.zeros(len(data), dtype=torch.float32, device=device)
+    per_item = torch.zeros(2, len(data), dtype=torch.float32, device=device)  # rows: correct, cropped
     cropped = []
     for idx, ok in zip(indices, score_items(model, tokenizer, data, indices, device, task_meta, batch_size, cropped)):
-        correct[idx] = float(ok)
-    was_cropped[cropped] = 1.0
+        per_item[0, idx] = float(ok)
+    per_item[1, cropped] = 1.0
     if world_size > 1:
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-        dist.all_reduce(was_cropped, op=dist.ReduceOp.SUM)
+        dist.all_reduce(per_item, op=dist.ReduceOp.SUM)
     if stats is not None:
-        stats["cropped"] = int(was_cropped.sum().item())
-    return correct.mean().item()
+        stats["cropped"] = int(per_item[1].sum().item())
+    return per_item[0].mean().item()
 
 
 def core_label(out: dict) -> str:
@@ -432,11 +429,9 @@ def select_tasks(tasks: list[dict], labels: list[str] | None) -> tuple[list[dict
 
 def evaluate_core(model, tokenizer, device, max_per_task: int = -1, bundle_dir: str | None = None,
                   batch_size: int = 8, tasks: list[str] | None = None) -> dict:
-    """The tasks of the bundle (`tasks`: a subset of labels; None = all) -> {"results": {label:
-    accuracy}, "centered_results": {label: centered}, "core_metric": mean centered over the scored
-    tasks, "num_examples": {label: n}, "seconds": {label: s}, "cropped": {label: items cropped},
-    "missing": [labels whose data file is missing], "num_tasks": tasks in core.yaml}. max_per_task
-    <= 0 means all items. See `core_label` for how a partial result is named."""
+    """Score the bundle's tasks (`tasks`: some labels; None = all; max_per_task <= 0: all items) ->
+    {"results", "centered_results", "num_examples", "seconds", "cropped": {label: ...}, "core_metric":
+    mean centered over the scored tasks, "missing": [labels without data], "num_tasks": in core.yaml}."""
     all_tasks = load_bundle(bundle_dir or get_eval_bundle_dir())
     selected, missing = select_tasks(all_tasks, tasks)
     if missing:
@@ -460,9 +455,9 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = -1, bundle_dir: 
         out["results"][label], out["centered_results"][label] = accuracy, centered
         out["num_examples"][label], out["seconds"][label] = len(data), time.time() - t0
         out["cropped"][label] = stats["cropped"]
-        crop_note = (f" | {stats['cropped']} cropped to the model's {limit} positions (the reference would fail)"
-                     if stats["cropped"] else "")
+        crop_note = f" | {stats['cropped']} cropped to the model's {limit} positions (the reference would fail)"
         print0(f"{label:<36} {task['num_fewshot']:>2}-shot {task['task_type']:<17} accuracy {accuracy:.4f} | "
-               f"centered {centered:+.4f} | {len(data)} items in {out['seconds'][label]:.1f}s{crop_note}")
+               f"centered {centered:+.4f} | {len(data)} items in {out['seconds'][label]:.1f}s"
+               f"{crop_note if stats['cropped'] else ''}")
     out["core_metric"] = sum(out["centered_results"].values()) / len(selected)
     return out
