@@ -11,10 +11,13 @@ Design choices:
   prompt position, over the logits of the allowed letters only (`conversation["letters"]`). A small
   model that would rather say "The" still gets graded on which letter it prefers. Prompts are
   sorted by length and batched, right-padded (causal attention: padding after a row's last token
-  cannot change it).
-- Generative tasks (GSM8K, HumanEval) sample `num_samples` completions with the Engine (KV cache,
-  calculator tool use); a problem passes if any sample passes (`task.evaluate`). The seed of
-  problem i is i, so results do not depend on how problems are split over ranks.
+  cannot change it). As in the reference, prompts are never cropped to the training context
+  (`sequence_len`): the rotary tables cover 10x it. Only a prompt longer than those tables, which
+  the model cannot run at all, keeps its last tokens, and the output says how many did.
+- Generative tasks (GSM8K, HumanEval, SpellingBee) sample `num_samples` completions with the Engine (KV cache,
+  calculator tool use); a problem passes if any sample passes (`task.evaluate`). Every problem
+  is sampled with seed 42, the reference's (its engine's default), so results do not depend on
+  how problems are split over ranks.
 - Under torchrun every rank takes problems rank, rank + world_size, ... and the counts are summed
   with all_reduce: every rank returns the same accuracy.
 - ChatCORE (like CORE for base models) centres each accuracy on its chance level,
@@ -35,21 +38,29 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import get_dist_info, print0
+from nanochat.core_eval import max_positions
 from nanochat.progress import EvalProgress
 
 # chance accuracy of each evaluation task: 4-way multiple choice, or open-ended generation
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 TASK_NAMES = list(BASELINES)
 
 
-def load_task(name: str):
-    """The evaluation split of a chat task, by its report name (see TASK_NAMES)."""
+GENERATION_SEED = 42  # the seed of every problem's samples, as in the reference
+
+
+def load_task(name: str, humaneval_assembly: str = "reference"):
+    """The evaluation split of a chat task, by its report name (see TASK_NAMES). HumanEval
+    assembles its programs as `humaneval_assembly` says (tasks/humaneval.py)."""
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K
     from tasks.humaneval import HumanEval
     from tasks.mmlu import MMLU
+    from tasks.spellingbee import SpellingBee
     constructors = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
-                    "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": lambda: HumanEval()}
+                    "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("test"),
+                    "HumanEval": lambda: HumanEval(assembly=humaneval_assembly),
+                    "SpellingBee": lambda: SpellingBee(size=256, split="test")}  # the reference's 256
     if name not in constructors:
         raise ValueError(f"unknown chat eval task {name!r}; choose from {TASK_NAMES}")
     return constructors[name]()
@@ -90,10 +101,11 @@ def _problem_indices(task, max_problems: int | None) -> tuple[range, int]:
 def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_problems: int | None = None,
                          name: str = "") -> float:
     """Accuracy of `model` on a categorical task (examples carry "letters"), all ranks together.
-    Prompts longer than the model's context (`config.sequence_len`) keep their last tokens."""
+    Prompts are whole, as in the reference; only one longer than the model can take at all (its
+    rotary tables, `model.rotary_seq_len`) keeps its last tokens, and the count is printed."""
     device = next(model.parameters()).device
     bos = tokenizer.get_bos_token_id()
-    max_len = model.config.sequence_len
+    max_len = max_positions(model)
     letter_ids = {}  # letter -> its single token id
 
     def letter_id(letter: str) -> int:
@@ -108,8 +120,9 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
     indices, num_problems = _problem_indices(task, max_problems)
     conversations = [task.get_example(i) for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
-    cropped = sum(len(p) > max_len for p in prompts)
-    prompts = [p[-max_len:] for p in prompts]
+    cropped = 0 if max_len is None else sum(len(p) > max_len for p in prompts)
+    if cropped:
+        prompts = [p[-max_len:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # similar lengths together: less padding
     correct, total = 0, 0
     bar = EvalProgress(name, len(order))
@@ -130,7 +143,8 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
     correct, total, cropped = all_reduce_sum([correct, total, cropped], device)
     assert total == num_problems, f"evaluated {total} of {num_problems} problems"
     if cropped:
-        print0(f"{name}: {int(cropped)} prompt(s) longer than the model's context of {max_len} tokens kept their end")
+        print0(f"{name}: {int(cropped)} prompt(s) longer than the {max_len} positions the model can take (its rotary "
+               f"tables) kept their last {max_len} tokens; the reference would fail on them")
     return correct / total
 
 
@@ -161,7 +175,7 @@ def generative_outcomes(task, engine, tokenizer, num_samples: int = 1, max_new_t
     for n, i in enumerate(indices, start=1):
         conversation = task.get_example(i)
         _, _, _, texts = sample_completions(engine, tokenizer, conversation, num_samples, max_new_tokens,
-                                            temperature, top_k, seed=i)
+                                            temperature, top_k, seed=GENERATION_SEED)
         outcomes.append([task.evaluate(conversation, text) for text in texts])
         passed += any(outcomes[-1])
         bar.update(n, f"({100 * passed / n:.2f}% passed on rank 0)")

@@ -20,15 +20,19 @@ How one item is scored (the conventions of the original nanochat / DCLM evaluati
 - every sequence starts with BOS. The scored span is what follows the tokens all choices share
   (multiple choice), what precedes the tokens all options share (schema), or what follows the
   prompt without the continuation (language modeling);
-- sequences longer than the model's `config.sequence_len` lose tokens on the left;
+- no cropping to the training context, as in the reference (the rotary tables cover 10x it).
+  Only a sequence longer than the model can run at all (`max_positions`) loses tokens on the
+  left, and the task's output line counts those items (the reference would fail on them);
 - multiple choice / schema: correct if the gold sequence has the lowest mean cross-entropy over its
   span (ties go to the lowest index); language modeling: correct if the greedy argmax predicts
   every continuation token.
 Items are shuffled with `random.Random(1337)`, capped to `max_per_task`; rank r scores items
 r, r + world_size, ...; per-item results are all-reduced. Centered accuracy = (acc - b) / (1 - b)
-with b the random baseline; CORE = mean centered accuracy over the tasks present (22 in the full
-bundle). Several items are packed into one forward pass (`batch_size` sequences, right-padded);
-the model is causal, so padding never changes a score.
+with b the random baseline; CORE = mean centered accuracy over the 22 tasks of core.yaml. Tasks
+whose data file is missing, or left out by `tasks=`, are not scored (the missing ones are listed
+in one line), and the mean of the others is labelled "CORE partial (k/22 tasks)" (`core_label`).
+Several items are packed into one forward pass (`batch_size` sequences, right-padded); the model
+is causal, so padding never changes a score.
 
     from nanochat.core_eval import evaluate_core
     out = evaluate_core(model, tokenizer, device, max_per_task=500)  # out["core_metric"]
@@ -148,8 +152,8 @@ def _read_baselines(csv_path: str) -> dict[str, float]:
 
 
 def load_bundle(bundle_dir: str) -> list[dict]:
-    """The tasks of core.yaml, validated: [{label, task_type, dataset_path, num_fewshot,
-    continuation_delimiter, random_baseline (percent)}]."""
+    """The tasks of core.yaml, validated: [{label, task_type, dataset_path, available (the data
+    file exists), num_fewshot, continuation_delimiter, random_baseline (percent)}]."""
     import yaml
     yaml_path = os.path.join(bundle_dir, "core.yaml")
     if not os.path.isfile(yaml_path):
@@ -188,8 +192,6 @@ def load_bundle(bundle_dir: str) -> list[dict]:
             raise BundleError(f"{at('num_fewshot')}: task {label!r}: num_fewshot must be an int >= 0 or a one-element "
                               f"list of one (got {task['num_fewshot']!r})")
         dataset_path = os.path.join(bundle_dir, "eval_data", task["dataset_uri"])
-        if not os.path.isfile(dataset_path):
-            raise BundleError(f"{at('dataset_uri')}: task {label!r}: dataset file {dataset_path} is missing")
         if label not in baselines:
             raise BundleError(f"{at('label')}: task {label!r} has no 'Random baseline' row in "
                               f"{os.path.join(bundle_dir, 'eval_meta_data.csv')}")
@@ -197,7 +199,7 @@ def load_bundle(bundle_dir: str) -> list[dict]:
             raise BundleError(f"eval_meta_data.csv: task {label!r}: random baseline {baselines[label]} "
                               f"must be a percentage in [0, 100)")
         tasks.append({"label": label, "task_type": task_type, "dataset_path": dataset_path,
-                      "num_fewshot": num_fewshot,
+                      "available": os.path.isfile(dataset_path), "num_fewshot": num_fewshot,
                       "continuation_delimiter": task.get("continuation_delimiter", " "),
                       "random_baseline": baselines[label]})
     return tasks
@@ -289,6 +291,13 @@ def tokenize_example(tokenizer, prompts: list[str], task_type: str) -> tuple[lis
     return rows, starts, ends
 
 
+def max_positions(model) -> int | None:
+    """The longest sequence `model` can run: its rotary table length (`rotary_seq_len`, 10x the
+    training context in nanochat's GPT), else its `config.sequence_len`, else None (no limit)."""
+    limit = getattr(model, "rotary_seq_len", None)
+    return limit if limit is not None else getattr(getattr(model, "config", None), "sequence_len", None)
+
+
 def crop_left(rows: list[list[int]], starts: list[int], ends: list[int], max_len: int | None):
     """Drop tokens on the left of rows longer than max_len, shifting their spans. A span that
     itself overflows keeps its last max_len - 1 tokens (position 0 has no prediction)."""
@@ -357,11 +366,13 @@ def prepare_item(idx: int, data: list[dict], tokenizer, task_meta: dict, max_len
 
 
 def score_items(model, tokenizer, data: list[dict], indices: list[int], device, task_meta: dict,
-                batch_size: int = 8, progress: EvalProgress | None = None) -> list[bool]:
+                batch_size: int = 8, cropped: list[int] | None = None,
+                progress: EvalProgress | None = None) -> list[bool]:
     """Correctness of data[i] for i in indices. Items are packed into forward passes of at most
-    batch_size rows (an item with more choices than that gets a pass of its own). `progress` is
-    told the number of items scored after every pass."""
-    max_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    batch_size rows (an item with more choices than that gets a pass of its own). Items with a
+    sequence longer than `max_positions(model)` are cropped on the left; their indices are
+    appended to `cropped` if given. `progress` is told the number of items scored after every pass."""
+    max_len = max_positions(model)
     pad_id = tokenizer.get_bos_token_id()
     results, pending = [], []  # pending: (idx, rows, starts, ends)
 
@@ -378,7 +389,11 @@ def score_items(model, tokenizer, data: list[dict], indices: list[int], device, 
             progress.update(len(results))
 
     for idx in indices:
-        rows, starts, ends = prepare_item(idx, data, tokenizer, task_meta, max_len)
+        rows, starts, ends = prepare_item(idx, data, tokenizer, task_meta, None)
+        if max_len is not None and max(len(r) for r in rows) > max_len:
+            rows, starts, ends = crop_left(rows, starts, ends, max_len)
+            if cropped is not None:
+                cropped.append(idx)
         if pending and sum(len(p[1]) for p in pending) + len(rows) > batch_size:
             flush()
         pending.append((idx, rows, starts, ends))
@@ -388,42 +403,77 @@ def score_items(model, tokenizer, data: list[dict], indices: list[int], device, 
 
 
 def evaluate_task(model, tokenizer, data: list[dict], device, task_meta: dict, batch_size: int = 8,
-                  name: str = "") -> float:
+                  stats: dict | None = None, name: str = "") -> float:
     """Accuracy on `data` (task_meta: task_type, num_fewshot, continuation_delimiter). Rank r
-    scores items r, r + world_size, ...; the per-item results are summed over ranks."""
+    scores items r, r + world_size, ...; the per-item results are summed over ranks. `stats`, if
+    given, receives "cropped": the number of items (all ranks) cropped to fit the model."""
     _, rank, _, world_size = get_dist_info()
     indices = list(range(rank, len(data), world_size))
-    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    per_item = torch.zeros(2, len(data), dtype=torch.float32, device=device)  # rows: correct, cropped
+    cropped = []
     bar = EvalProgress(f"{name} (rank 0)" if world_size > 1 else name, len(indices))
-    scored = score_items(model, tokenizer, data, indices, device, task_meta, batch_size, progress=bar)
+    scored = score_items(model, tokenizer, data, indices, device, task_meta, batch_size, cropped, progress=bar)
     bar.close()
     for idx, ok in zip(indices, scored):
-        correct[idx] = float(ok)
+        per_item[0, idx] = float(ok)
+    per_item[1, cropped] = 1.0
     if world_size > 1:
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    return correct.mean().item()
+        dist.all_reduce(per_item, op=dist.ReduceOp.SUM)
+    if stats is not None:
+        stats["cropped"] = int(per_item[1].sum().item())
+    return per_item[0].mean().item()
+
+
+def core_label(out: dict) -> str:
+    """"CORE" when every task of core.yaml was scored, else "CORE partial (k/N tasks)"."""
+    k, n = len(out["results"]), out["num_tasks"]
+    return "CORE" if k == n else f"CORE partial ({k}/{n} tasks)"
+
+
+def select_tasks(tasks: list[dict], labels: list[str] | None) -> tuple[list[dict], list[str]]:
+    """(the tasks to score, the labels of the selected tasks whose data file is missing). `labels`
+    picks a subset by label (None: all); an unknown label is a BundleError naming the known ones."""
+    if labels is not None:
+        known = [t["label"] for t in tasks]
+        unknown = [label for label in labels if label not in known]
+        if unknown:
+            raise BundleError(f"unknown CORE task(s) {', '.join(unknown)}; the bundle has: {', '.join(known)}")
+        tasks = [t for t in tasks if t["label"] in labels]
+    missing = [t["label"] for t in tasks if not t["available"]]
+    return [t for t in tasks if t["available"]], missing
 
 
 def evaluate_core(model, tokenizer, device, max_per_task: int = -1, bundle_dir: str | None = None,
-                  batch_size: int = 8) -> dict:
-    """Every task of the bundle -> {"results": {label: accuracy}, "centered_results": {label:
-    centered}, "core_metric": mean centered, "num_examples": {label: n}, "seconds": {label: s}}.
-    max_per_task <= 0 means all items."""
-    tasks = load_bundle(bundle_dir or get_eval_bundle_dir())
-    out = {"results": {}, "centered_results": {}, "core_metric": 0.0, "num_examples": {}, "seconds": {}}
-    for task in tasks:
+                  batch_size: int = 8, tasks: list[str] | None = None) -> dict:
+    """Score the bundle's tasks (`tasks`: some labels; None = all; max_per_task <= 0: all items) ->
+    {"results", "centered_results", "num_examples", "seconds", "cropped": {label: ...}, "core_metric":
+    mean centered over the scored tasks, "missing": [labels without data], "num_tasks": in core.yaml}."""
+    all_tasks = load_bundle(bundle_dir or get_eval_bundle_dir())
+    selected, missing = select_tasks(all_tasks, tasks)
+    if missing:
+        print0(f"CORE: {len(missing)} task(s) missing from the bundle, not scored: {', '.join(missing)}")
+    if not selected:
+        raise BundleError("no CORE task left to score: every selected task's data file is missing")
+    out = {"results": {}, "centered_results": {}, "core_metric": 0.0, "num_examples": {}, "seconds": {},
+           "cropped": {}, "missing": missing, "num_tasks": len(all_tasks)}
+    limit = max_positions(model)
+    for task in selected:
         t0 = time.time()
         data = load_task_data(task["dataset_path"], task["task_type"])
         random.Random(1337).shuffle(data)
         if max_per_task > 0:
             data = data[:max_per_task]
-        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size, name=task["label"])
+        stats = {}
+        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size, stats, name=task["label"])
         baseline = task["random_baseline"] / 100
         centered = (accuracy - baseline) / (1 - baseline)
         label = task["label"]
         out["results"][label], out["centered_results"][label] = accuracy, centered
         out["num_examples"][label], out["seconds"][label] = len(data), time.time() - t0
+        out["cropped"][label] = stats["cropped"]
+        crop_note = f" | {stats['cropped']} cropped to the model's {limit} positions (the reference would fail)"
         print0(f"{label:<36} {task['num_fewshot']:>2}-shot {task['task_type']:<17} accuracy {accuracy:.4f} | "
-               f"centered {centered:+.4f} | {len(data)} items in {out['seconds'][label]:.1f}s")
-    out["core_metric"] = sum(out["centered_results"].values()) / len(tasks)
+               f"centered {centered:+.4f} | {len(data)} items in {out['seconds'][label]:.1f}s"
+               f"{crop_note if stats['cropped'] else ''}")
+    out["core_metric"] = sum(out["centered_results"].values()) / len(selected)
     return out

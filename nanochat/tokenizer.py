@@ -170,6 +170,10 @@ class RustBPETokenizer:
             return [head + ids + tail for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
 
+    def __call__(self, *args, **kwargs) -> list[int] | list[list[int]]:
+        """`tokenizer(text, prepend=...)` is `encode`, as the reference's tokenizer is callable."""
+        return self.encode(*args, **kwargs)
+
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 

@@ -8,14 +8,25 @@ Run:
     python -m scripts.chat_eval -i sft -a "ARC-Easy|MMLU" -x 200 --device_type=cpu   # a laptop CPU
 
 Tasks (-a, separated by '|'; default all): ARC-Easy, ARC-Challenge, MMLU (categorical: one forward
-pass, argmax over the answer letters' logits, batched by -b), GSM8K, HumanEval (generative: -n
-samples of up to -m tokens at temperature -t with top-k -k; a problem passes if any sample does).
--x caps the problems per task. Under torchrun each rank takes every world_size-th problem.
+pass, argmax over the answer letters' logits, batched by -b), GSM8K, HumanEval, SpellingBee (256
+letter-counting questions, tasks/spellingbee.py) (generative: -n samples of up to -m tokens at
+temperature -t with top-k -k; a problem passes if any sample does).
+-x caps the problems per task, taken in the reference's item order (every data set shuffled with
+seed 42, as Hugging Face datasets' shuffle(seed=42) does), so `-x 100` scores the reference's
+first 100. Every problem is sampled with seed 42. Under torchrun each rank takes every
+world_size-th problem.
+
+HumanEval runs, by default, the reference's program: the prompt's imports plus the code extracted
+from the completion (the model must write the whole function), so its numbers compare with the
+published ones. --humaneval-assembly=official runs the OpenAI harness's prompt + completion
+instead (a body-only completion then passes). The report section records which one was used.
 
 ChatCORE = mean over tasks of (acc − baseline)/(1 − baseline), baseline 0.25 for the multiple
 choice tasks and 0 for the generative ones. It goes into the report as "ChatCORE" only when all
-five tasks ran (a -x cap is recorded in the same section); with -a it is printed (and logged) under
+six tasks ran (a -x cap is recorded in the same section); with -a it is printed (and logged) under
 a name that says which tasks it covers, so the summary never mixes a subset with the full set.
+Six is the reference's set since it added SpellingBee; the published d20 ChatCORE (0.0884)
+predates that and averages the other five: -a "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval".
 The report section is "Chat evaluation <source>" with one line per task (e.g. "- GSM8K: 0.0455").
 """
 
@@ -31,7 +42,7 @@ from nanochat.report import get_report
 # -----------------------------------------------------------------------------
 # Flags
 
-parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K and HumanEval")
+parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval and SpellingBee")
 parser.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"], help="which checkpoint stage")
 parser.add_argument("-a", "--task-name", default="|".join(TASK_NAMES), help="tasks separated by '|' (default: all)")
 parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -40,6 +51,9 @@ parser.add_argument("-n", "--num-samples", type=int, default=1, help="generative
 parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = off)")
 parser.add_argument("-b", "--batch-size", type=int, default=8, help="categorical tasks: prompts per forward pass")
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
+parser.add_argument("--humaneval-assembly", default="reference", choices=["reference", "official"],
+                    help="HumanEval program: the reference's (prompt imports + extracted code, default) or the "
+                         "official harness's (prompt + completion)")
 parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: compile the decode step (CUDA graphs), 0: eager; default: on for CUDA")
@@ -78,7 +92,7 @@ print0(f"evaluating the {args.source} model, step {meta['step']}, on {', '.join(
 
 results, seconds = {}, {}
 for name in task_names:
-    task = load_task(name)
+    task = load_task(name, humaneval_assembly=args.humaneval_assembly)
     t0 = time.time()
     with compute.autocast():
         results[name] = run_task(name, task, model, tokenizer, engine, batch_size=args.batch_size,
@@ -86,7 +100,8 @@ for name in task_names:
                                  temperature=args.temperature, top_k=args.top_k or None,
                                  max_problems=args.max_problems)
     seconds[name] = time.time() - t0
-    print0(f"{name} accuracy: {100 * results[name]:.2f}% ({seconds[name]:.1f}s)")
+    how = f", {args.humaneval_assembly} program assembly" if name == "HumanEval" else ""
+    print0(f"{name} accuracy: {100 * results[name]:.2f}% ({seconds[name]:.1f}s{how})")
 
 # -----------------------------------------------------------------------------
 # Table, ChatCORE, report

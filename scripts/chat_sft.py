@@ -10,8 +10,10 @@ Run:
         --eval_metrics_every=-1                                     # a laptop CPU
     python -m scripts.chat_sft --source=base                        # skip midtraining
 
-Data (tasks/): ARC-Easy train + ARC-Challenge train + GSM8K train + the first 10K SmolTalk train
-conversations, shuffled together with a fixed seed; validation: SmolTalk test.
+Data (tasks/), the reference's mixture: ARC-Easy train + ARC-Challenge train + GSM8K train + the
+first 10K SmolTalk train conversations + the identity conversations + 300 SimpleSpelling + 300
+SpellingBee (--spelling_scale multiplies those two sizes, 0 drops them), shuffled together with a
+fixed seed; validation: SmolTalk test.
 
 Batches: each row is one conversation rendered with its mask (tokenizer.render_conversation, cut
 at max_seq_len + 1 tokens), right-padded; targets are -1 where the next token's mask is 0 (user
@@ -44,8 +46,10 @@ from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON, identity_conversations_path
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -57,6 +61,7 @@ DEFAULTS = dict(
     source="mid",  # mid | base
     model_tag="",  # default: the largest model of the source stage
     step=-1,  # source checkpoint step; -1 = the latest
+    spelling_scale=1.0,  # x the reference's 300 SimpleSpelling + 300 SpellingBee rows; 0 = none
     # optimisation
     max_seq_len=2048,  # conversations are cut at max_seq_len + 1 tokens
     device_batch_size=4,
@@ -118,8 +123,10 @@ del optimizer_data
 # -----------------------------------------------------------------------------
 # Data: the SFT mixture, one conversation per row
 
+spelling = [SimpleSpelling(size=round(300 * cfg.spelling_scale), split="train"),
+            SpellingBee(size=round(300 * cfg.spelling_scale), split="train")] if cfg.spelling_scale > 0 else []
 train_dataset = TaskMixture([ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("train"),
-                             SmolTalk("train", stop=10_000)])
+                             SmolTalk("train", stop=10_000), CustomJSON(identity_conversations_path()), *spelling])
 val_dataset = SmolTalk("test")
 for name, dataset in (("train", train_dataset), ("val", val_dataset)):
     if len(dataset) < compute.world_size:

@@ -9,9 +9,11 @@ Run:
         --total_batch_size=4096 --num_iterations=100 --eval_every=50 --eval_tokens=65536   # a laptop CPU
     python -m scripts.mid_train --resume_from_step=400              # continue a run saved with --save_every
 
-Data (tasks/): SmolTalk train (general chat), multiple-choice questions (MMLU auxiliary_train,
-~100K), GSM8K train (math with calculator calls), plus your own conversations with
---custom_jsonl=a.jsonl,b.jsonl (tasks/customjson.py). Validation: SmolTalk test, the first 5,200
+Data (tasks/), the reference's mixture: SmolTalk train (general chat), multiple-choice questions
+(MMLU auxiliary_train, ~100K), GSM8K train (math with calculator calls), the identity
+conversations twice (tasks/customjson.py), 200K SimpleSpelling and 80K SpellingBee
+(tasks/spellingbee.py; --spelling_scale multiplies those two sizes, 0 drops them), plus your own
+conversations with --custom_jsonl=a.jsonl,b.jsonl. Validation: SmolTalk test, the first 5,200
 MMLU test questions and the first 420 GSM8K test problems.
 --mcq_data picks the multiple-choice part: `auxiliary_train` (required), `standin` (MMLU dev +
 validation + ARC-Easy/Challenge train) or `auto` (default): auxiliary_train, unless the local data
@@ -49,10 +51,11 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.arc import ARC
 from tasks.common import TaskMixture
-from tasks.customjson import CustomJSON
+from tasks.customjson import CustomJSON, identity_conversations_path
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -67,6 +70,7 @@ DEFAULTS = dict(
     # data
     mcq_data="auto",  # auto | auxiliary_train | standin (see the docstring)
     custom_jsonl="",  # comma-separated JSONL files of your own conversations
+    spelling_scale=1.0,  # x the reference's 200K SimpleSpelling + 80K SpellingBee rows; 0 = none
     # optimisation
     max_seq_len=2048,
     device_batch_size=32,
@@ -147,7 +151,10 @@ def mcq_tasks():
 
 mcq, mcq_description = mcq_tasks()
 custom = [CustomJSON(path.strip()) for path in cfg.custom_jsonl.split(",") if path.strip()]
-train_dataset = TaskMixture([SmolTalk("train"), *mcq, GSM8K("train"), *custom])
+identity = CustomJSON(identity_conversations_path())
+spelling = [SimpleSpelling(size=round(200_000 * cfg.spelling_scale), split="train"),
+            SpellingBee(size=round(80_000 * cfg.spelling_scale), split="train")] if cfg.spelling_scale > 0 else []
+train_dataset = TaskMixture([SmolTalk("train"), *mcq, GSM8K("train"), identity, identity, *spelling, *custom])
 val_dataset = TaskMixture([SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("test", stop=420)])
 print0(f"train mixture: {len(train_dataset):,} conversations (multiple choice: {mcq_description}"
        f"{', custom: ' + cfg.custom_jsonl if custom else ''}); val mixture: {len(val_dataset):,}")

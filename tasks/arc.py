@@ -15,7 +15,7 @@ arc/<subset>/<split>.jsonl.
 
 from __future__ import annotations
 
-from tasks.common import Task, load_rows, render_mc
+from tasks.common import ShuffledRows, Task, load_rows, render_mc
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -36,7 +36,8 @@ class ARC(Task):
         super().__init__(**view)
         if subset not in SUBSETS or split not in SPLITS:
             raise ValueError(f"ARC subset must be one of {SUBSETS} and split one of {SPLITS}, got {subset!r}, {split!r}")
-        self.rows = load_rows(f"arc/{subset}/{split}.jsonl", ("allenai/ai2_arc", subset, split), data_dir, _check_row)
+        rows = load_rows(f"arc/{subset}/{split}.jsonl", ("allenai/ai2_arc", subset, split), data_dir, _check_row)
+        self.rows = ShuffledRows(rows)  # the reference's shuffle(seed=42) order
 
     def num_rows(self) -> int:
         return len(self.rows)

@@ -12,6 +12,11 @@ Design choices:
   format `tokenizer.render_conversation` takes. Categorical tasks add `"letters"`: the answers a
   model may give, so chat_eval can take the argmax over just those letters' logits.
 - `evaluate(conversation, response) -> 0 or 1`; `reward` defaults to `float(evaluate(...))`.
+- Item order: every data set's rows are shuffled once, as the reference does with Hugging Face
+  datasets' `ds.shuffle(seed=42)`. That call is `numpy.random.default_rng(42).permutation(n)`
+  over the row indices (`hf_shuffle_order`, checked against the datasets library), so example i
+  here is example i there: `chat_eval -x 100` scores the same 100 items, and a `stop=` view keeps
+  the same rows. The view (start/stop/step) applies to the shuffled rows.
 - `TaskMixture` shuffles every (task, index) pair with a fixed seed: listing a task twice makes
   it seen twice per epoch (oversampling by repetition). `TaskSequence` concatenates in order.
 - Rows come from local files when a data directory is given (the `data_dir` argument or
@@ -135,12 +140,34 @@ class TaskSequence(Task):
 
 
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
-    """The multiple-choice prompt: the question, one line `- {choice}={letter}` per option (the
-    letter after the choice, so a small model reads the choice before the letter it must emit),
-    then the instruction."""
+    """The multiple-choice prompt, the reference's text exactly: "Multiple Choice question: " and
+    the question, one line `- {choice}={letter}` per option (the letter after the choice, so a small
+    model reads the choice before the letter it must emit; no space before the letter, so it is the
+    same token as the answer "A"), then the instruction. Training (mid/SFT) and evaluation share it."""
     assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
-    lines = [question] + [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
+    lines = [f"Multiple Choice question: {question}"] + [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
     return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def hf_shuffle_order(n: int, seed: int = 42) -> list[int]:
+    """The row order of Hugging Face datasets' `Dataset.shuffle(seed=seed)` on n rows: it draws
+    `np.random.default_rng(seed).permutation(n)` (PCG64) and selects those indices."""
+    import numpy as np
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+class ShuffledRows(Sequence):
+    """rows[order[i]] for i in range(len(rows)), order = hf_shuffle_order(len(rows), seed): the
+    reference's `load_dataset(...).shuffle(seed=42)`, over rows already loaded."""
+
+    def __init__(self, rows: Sequence, seed: int = 42):
+        self.rows, self.order = rows, hf_shuffle_order(len(rows), seed)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        return self.rows[self.order[i]]
 
 
 def check_messages(messages, where: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.common import Task, load_rows
+from tasks.common import ShuffledRows, Task, load_rows
 
 ANSWER_RE = re.compile(r"####\s*(-?[0-9.,]+)")
 TOOL_RE = re.compile(r"(<<[^<>]*>>)")
@@ -64,7 +64,8 @@ class GSM8K(Task):
         super().__init__(**view)
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
-        self.rows = load_rows(f"gsm8k/{split}.jsonl", ("openai/gsm8k", "main", split), data_dir, _check_row)
+        rows = load_rows(f"gsm8k/{split}.jsonl", ("openai/gsm8k", "main", split), data_dir, _check_row)
+        self.rows = ShuffledRows(rows)  # the reference's shuffle(seed=42) order
 
     def num_rows(self) -> int:
         return len(self.rows)

@@ -14,7 +14,7 @@ MMLU: 4-way multiple-choice questions over 57 subjects (Hugging Face `cais/mmlu`
 
 from __future__ import annotations
 
-from tasks.common import Task, load_rows, render_mc
+from tasks.common import ShuffledRows, Task, load_rows, render_mc
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -45,7 +45,7 @@ class MMLU(Task):
             raise ValueError(f"MMLU takes subset 'all' with split test/validation/dev, or subset 'auxiliary_train' "
                              f"with split 'train'; got {subset!r}, {split!r}")
         self.subset = subset
-        self.rows = load_rows(local, hf, data_dir, _check_row)
+        self.rows = ShuffledRows(load_rows(local, hf, data_dir, _check_row))  # the reference's shuffle(seed=42) order
 
     def num_rows(self) -> int:
         return len(self.rows)

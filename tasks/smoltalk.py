@@ -6,7 +6,8 @@ sometimes with a leading system message (the tokenizer merges it into the first 
 Locally (a data dir given by `data_dir=` or $NANOCHAT_DATA_DIR) SmolTalk itself is not available:
 the chat samples `<data dir>/chat/*.messages.jsonl` (same `messages` layout) stand in for it. All
 files are read in name order and split deterministically: every 20th conversation (index % 20 ==
-0) is "test", the rest "train", about SmolTalk's 5% test share. With dev/cpu_sample that is 1,027
+0) is "test", the rest "train", about SmolTalk's 5% test share; each split is then shuffled like
+the Hugging Face one (tasks/common.py, `ShuffledRows`). With dev/cpu_sample that is 1,027
 conversations: 975 train / 52 test, single-turn (Dolly/HH and self-instruct rows: fine for plumbing
 and CPU runs, not a quality SFT mix).
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import glob
 import os
 
-from tasks.common import Task, check_messages, get_data_dir, load_rows, read_jsonl
+from tasks.common import ShuffledRows, Task, check_messages, get_data_dir, load_rows, read_jsonl
 
 TEST_EVERY = 20  # local stand-in: conversation i is in the test split when i % 20 == 0
 
@@ -37,7 +38,7 @@ class SmolTalk(Task):
             raise ValueError(f"SmolTalk split must be 'train' or 'test', got {split!r}")
         local_dir = get_data_dir(data_dir)
         if local_dir is None:
-            self.rows = load_rows(None, ("HuggingFaceTB/smol-smoltalk", "default", split), None, _check_row)
+            self.rows = ShuffledRows(load_rows(None, ("HuggingFaceTB/smol-smoltalk", "default", split), None, _check_row))
             return
         paths = sorted(glob.glob(os.path.join(local_dir, "chat", "*.messages.jsonl")))
         if not paths:
@@ -45,7 +46,7 @@ class SmolTalk(Task):
                                     f"unset NANOCHAT_DATA_DIR to download it from Hugging Face")
         rows = [row for path in paths for row in read_jsonl(path, _check_row)]
         keep_test = split == "test"
-        self.rows = [row for i, row in enumerate(rows) if (i % TEST_EVERY == 0) == keep_test]
+        self.rows = ShuffledRows([row for i, row in enumerate(rows) if (i % TEST_EVERY == 0) == keep_test])
 
     def num_rows(self) -> int:
         return len(self.rows)

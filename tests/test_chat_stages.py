@@ -66,6 +66,8 @@ def mini_data(tmp_path_factory, sample_data):
         rows = f.readlines()[:3]
     with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "wt") as f:
         f.write("".join(rows))
+    (root / "words").mkdir()  # the spelling tasks' word list
+    (root / "words" / "words.txt").write_text((REPO_ROOT / "dev" / "cpu_sample" / "words" / "words.txt").read_text())
     return root
 
 
@@ -93,6 +95,8 @@ def chat_base(base_dir_with_tokenizer, tiny_tokenizer, mini_data, monkeypatch):
     save_checkpoint(str(base_dir_with_tokenizer / "base_checkpoints" / "d2"), 0, model.state_dict(), None,
                     dict(model_config=asdict(model.config), user_config={"depth": 2}))
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(mini_data))
+    identity = [[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm nanochat."}]] * 2
+    (base_dir_with_tokenizer / "identity_conversations.jsonl").write_text("".join(json.dumps(c) + "\n" for c in identity))
     return base_dir_with_tokenizer
 
 
@@ -362,7 +366,8 @@ def lrm_by_step(stdout):
 def test_pipeline_mid_sft_rl_eval(chat_base):
     base = chat_base
     mid = run("scripts.mid_train", "--device_type=cpu", f"--max_seq_len={SEQ_LEN}", "--device_batch_size=4",
-              f"--total_batch_size={4 * SEQ_LEN * 2}", "--eval_every=5", f"--eval_tokens={4 * SEQ_LEN * 4}")
+              f"--total_batch_size={4 * SEQ_LEN * 2}", "--eval_every=5", f"--eval_tokens={4 * SEQ_LEN * 4}",
+              "--spelling_scale=0.0001")  # 20 SimpleSpelling + 8 SpellingBee rows
     assert mid.returncode == 0, mid.stderr[-3000:]
     assert "WARNING: MMLU auxiliary_train is not available" in mid.stdout  # the stand-in, said loudly
     steps = lrm_by_step(mid.stdout)
@@ -387,9 +392,11 @@ def test_pipeline_mid_sft_rl_eval(chat_base):
 
     sft = run("scripts.chat_sft", "--device_type=cpu", f"--max_seq_len={SEQ_LEN}", "--device_batch_size=2",
               "--target_examples_per_step=4", "--eval_every=3", "--eval_steps=2", "--eval_metrics_every=4",
-              "--eval_metrics_max_problems=4")
+              "--eval_metrics_max_problems=4", "--spelling_scale=0.01")
     assert sft.returncode == 0, sft.stderr[-3000:]
-    num_steps = (12 + 8 + 19) // 4  # ARC-Easy/Challenge train, GSM8K train, SmolTalk train (stand-in)
+    # ARC-Easy/Challenge train, GSM8K train, SmolTalk train (stand-in), the 2 identity conversations
+    # of the base dir, 3 SimpleSpelling + 3 SpellingBee
+    num_steps = (12 + 8 + 19 + 2 + 3 + 3) // 4
     sft_meta = json.loads((base / "chatsft_checkpoints" / "d2" / f"meta_{num_steps:06d}.json").read_text())
     assert sft_meta["start_source"] == {"source": "mid", "model_tag": "d2", "step": last}
     assert set(sft_meta["metrics"]) == {"MMLU", "ARC-Easy"} and 0 < sft_meta["val_loss"] < 20

@@ -183,18 +183,22 @@ def test_humaneval_style_program_passes_and_fails():
 
 @pytest.mark.slow
 def test_all_humaneval_canonical_solutions_pass_and_corrupted_ones_fail(sample_data):
-    """All 164 problems through HumanEval.evaluate: the canonical body passes, the whole function
-    in a ``` fence passes, and the body replaced by `return None` fails. Two at a time (2 cores)."""
+    """All 164 problems through HumanEval.evaluate. The reference assembly (the default): the whole
+    canonical function in a ``` fence passes, the bare canonical body fails (it defines nothing).
+    The official assembly: the bare body passes. Both: the body replaced by `return None` fails.
+    Two at a time (2 cores)."""
     from concurrent.futures import ThreadPoolExecutor
     from tasks.humaneval import HumanEval
-    task = HumanEval(data_dir=str(sample_data))
+    task, official = HumanEval(data_dir=str(sample_data)), HumanEval(data_dir=str(sample_data), assembly="official")
     examples = [task[i] for i in range(len(task))]
     assert len(examples) == 164
     with ThreadPoolExecutor(max_workers=2) as pool:
-        canonical = list(pool.map(lambda ex: task.evaluate(ex, ex["canonical_solution"]), examples))
         fenced = list(pool.map(lambda ex: task.evaluate(ex, f"```python\n{ex['messages'][1]['content']}```"), examples))
-        corrupted = list(pool.map(lambda ex: task.evaluate(ex, "    return None\n"), examples))
+        body = list(pool.map(lambda ex: task.evaluate(ex, ex["canonical_solution"]), examples))
+        body_official = list(pool.map(lambda ex: official.evaluate(ex, ex["canonical_solution"]), examples))
+        corrupted = list(pool.map(lambda ex: official.evaluate(ex, "    return None\n"), examples))
     ids = [ex["task_id"] for ex in examples]
-    assert [i for i, ok in zip(ids, canonical) if not ok] == []
     assert [i for i, ok in zip(ids, fenced) if not ok] == []
+    assert [i for i, ok in zip(ids, body) if ok] == []
+    assert [i for i, ok in zip(ids, body_official) if not ok] == []
     assert [i for i, ok in zip(ids, corrupted) if ok] == []

@@ -19,10 +19,10 @@ import pytest
 
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.arc import ARC
-from tasks.common import Task, TaskMixture, TaskSequence, render_mc
+from tasks.common import Task, TaskMixture, TaskSequence, hf_shuffle_order, render_mc
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, parse_solution
-from tasks.humaneval import HumanEval, extract_program
+from tasks.humaneval import HumanEval, extract_fenced, extract_program
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 
@@ -56,6 +56,12 @@ class Numbers(Task):
 
 def said(example):
     return example["messages"][0]["content"]
+
+
+def file_row(task, j):
+    """The example made from row j of the task's file (tasks list their rows in the reference's
+    shuffled order: tests/test_eval_parity.py checks that order)."""
+    return task[task.rows.order.index(j)]
 
 
 # -----------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def test_sequence_concatenates():
 
 def test_render_mc_format():
     text = render_mc("What is 2+2?", ["A", "B", "C"], ["3", "4", "5"])
-    assert text == "What is 2+2?\n- 3=A\n- 4=B\n- 5=C\n\nRespond only with the letter of the correct answer."
+    assert text == "Multiple Choice question: What is 2+2?\n- 3=A\n- 4=B\n- 5=C\n\nRespond only with the letter of the correct answer."
 
 
 # -----------------------------------------------------------------------------
@@ -111,10 +117,10 @@ def test_arc_counts_and_format():
     assert easy[399]["messages"][0]["content"].startswith("Historically, how has the compass been used?\n- for navigation=A\n")
     assert challenge[299]["messages"][0]["content"].startswith("Which of these is a response of cats to external stimuli?")
     assert easy.eval_type == "categorical"
-    ex = easy.get_example(0)
+    ex = file_row(easy, 0)
     user, assistant = ex["messages"]
     assert user["role"] == "user" and assistant["role"] == "assistant"
-    assert user["content"].startswith("Which statement best explains why photosynthesis")
+    assert user["content"].startswith("Multiple Choice question: Which statement best explains why photosynthesis")
     assert "\n- Sunlight is the source of energy for nearly all ecosystems.=A\n" in user["content"]
     assert assistant["content"] == "A" and ex["letters"] == ["A", "B", "C", "D"]
     letter_sets = set()
@@ -126,14 +132,14 @@ def test_arc_counts_and_format():
             assert task.evaluate(ex, ex["messages"][1]["content"]) == 1
     assert ("1", "2", "3", "4") in letter_sets  # NY Regents labels kept as they are
     assert {len(s) for s in letter_sets} >= {3, 4, 5}
-    ex = easy[0]
+    ex = file_row(easy, 0)
     assert easy.evaluate(ex, "B") == 0 and easy.evaluate(ex, " A") == 1
 
 
 def test_mmlu_counts_and_format():
     test = MMLU("all", "test")
     assert len(test) == 570 and len(MMLU("all", "validation")) == 300 and len(MMLU("all", "dev")) == 285
-    ex = test[0]
+    ex = file_row(test, 0)
     assert ex["letters"] == ["A", "B", "C", "D"] and ex["subject"] == "abstract_algebra"
     assert ex["messages"][0]["content"] == render_mc(
         "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.",
@@ -157,8 +163,8 @@ def test_mmlu_auxiliary_train_missing_locally_is_a_clear_error(local_data):
 def test_gsm8k_counts_tool_parts_and_answers():
     train, test = GSM8K("train"), GSM8K("test")
     assert len(train) == 600 and len(test) == 200
-    assert test[199]["messages"][0]["content"].startswith("Tom's restaurant gets 6 reservations a night.")
-    ex = train[0]
+    assert file_row(test, 199)["messages"][0]["content"].startswith("Tom's restaurant gets 6 reservations a night.")
+    ex = file_row(train, 0)
     assert ex["messages"][0]["content"].startswith("Natalia sold clips to 48 of her friends")
     assert ex["messages"][1]["content"] == [
         {"type": "text", "text": "Natalia sold 48/2 = "},
@@ -175,8 +181,8 @@ def test_gsm8k_counts_tool_parts_and_answers():
         parts = test[i]["messages"][1]["content"]
         rebuilt = "".join(f"<<{p['text']}=" if p["type"] == "python" else p["text"] + ">>" if p["type"] == "python_output"
                           else p["text"] for p in parts)
-        assert rebuilt == raw[i]["answer"]
-        assert test.evaluate(test[i], raw[i]["answer"]) == 1
+        assert rebuilt == raw[test.rows.order[i]]["answer"]
+        assert test.evaluate(test[i], raw[test.rows.order[i]]["answer"]) == 1
 
 
 def test_gsm8k_extract_answer():
@@ -191,24 +197,33 @@ def test_gsm8k_extract_answer():
 def test_humaneval_count_and_canonical_solutions():
     task = HumanEval()
     assert len(task) == 164 and task.eval_type == "generative"
-    ex = task[0]
+    ex = file_row(task, 0)
     assert ex["task_id"] == "HumanEval/0" and ex["entry_point"] == "has_close_elements"
     assert ex["messages"][0]["content"] == ex["prompt"]
-    assert ex["messages"][1]["content"] == ex["prompt"] + ex["canonical_solution"]
-    # body only, whole function, fenced: all pass; a wrong body fails
-    assert task.evaluate(ex, ex["canonical_solution"]) == 1
-    assert task.evaluate(ex, ex["messages"][1]["content"]) == 1
-    assert task.evaluate(ex, "Here you go:\n```python\n" + ex["messages"][1]["content"] + "```\nDone.") == 1
-    assert task.evaluate(ex, "    return None\n") == 0
-    assert task.evaluate(ex, ex["canonical_solution"].replace("distance < threshold", "distance <= threshold")) == 1
-    assert task.evaluate(ex, ex["canonical_solution"].replace("return True", "return False")) == 0
+    assert ex["messages"][1]["content"] == ex["prompt"] + "\n" + ex["canonical_solution"]
+    # the reference assembly (default): the whole function passes, plain or fenced; a body alone fails
+    whole = ex["messages"][1]["content"]
+    assert task.evaluate(ex, whole) == 1
+    assert task.evaluate(ex, "Here you go:\n```python\n" + whole + "```\nDone.") == 1
+    assert task.evaluate(ex, ex["canonical_solution"]) == 0
+    assert task.evaluate(ex, whole.replace("distance < threshold", "distance <= threshold")) == 1
+    assert task.evaluate(ex, whole.replace("return True", "return False")) == 0
+    # the official assembly: prompt + completion, so the body alone passes
+    official = HumanEval(assembly="official")
+    assert official.evaluate(ex, ex["canonical_solution"]) == 1 and official.evaluate(ex, "    return None\n") == 0
 
 
 def test_extract_program():
-    assert extract_program("x = 1") == "x = 1"
-    assert extract_program("text\n```python\nx = 1\n```\nmore\n```\ny\n```") == "x = 1\n"
-    assert extract_program("```\n    return 2\n```") == "    return 2\n"
-    assert extract_program("```py\nz = 3") == "z = 3"  # unclosed fence: to the end
+    # the reference's: the first closed ``` / ```python block, else everything; stripped
+    assert extract_program(" x = 1\n") == "x = 1"
+    assert extract_program("text\n```python\nx = 1\n```\nmore\n```\ny\n```") == "x = 1"
+    assert extract_program("```\n    return 2\n```") == "return 2"
+    assert extract_program("```py\nz = 3") == "```py\nz = 3"  # no closed block: the whole text
+    # the official assembly's: unclosed fences run to the end, nothing stripped
+    assert extract_fenced("x = 1") == "x = 1"
+    assert extract_fenced("text\n```python\nx = 1\n```\nmore\n```\ny\n```") == "x = 1\n"
+    assert extract_fenced("```\n    return 2\n```") == "    return 2\n"
+    assert extract_fenced("```py\nz = 3") == "z = 3"
 
 
 def test_smoltalk_local_stand_in(local_data):
@@ -296,12 +311,13 @@ def test_task_examples_render_with_correct_masks(byte_tokenizer):
         for example in task:
             _check_rendering(byte_tokenizer, example)
     # a categorical answer is exactly one trained token + <|assistant_end|>
-    ids, mask = byte_tokenizer.render_conversation(ARC("ARC-Easy", "test")[0])
-    assert sum(mask) == 2 and byte_tokenizer.decode(ids[-2:]) == "A<|assistant_end|>"
+    example = ARC("ARC-Easy", "test")[0]
+    ids, mask = byte_tokenizer.render_conversation(example)
+    assert sum(mask) == 2 and byte_tokenizer.decode(ids[-2:]) == example["messages"][1]["content"] + "<|assistant_end|>"
 
 
 def test_gsm8k_tool_parts_round_trip(byte_tokenizer):
-    ex = GSM8K("train")[0]
+    ex = file_row(GSM8K("train"), 0)
     ids, mask = _check_rendering(byte_tokenizer, ex)
     text = byte_tokenizer.decode(ids)
     assert "Natalia sold 48/2 = <|python_start|>48/2<|python_end|><|output_start|>24<|output_end|>24 clips" in text
@@ -416,7 +432,8 @@ def test_hf_download_matches_local_and_is_cached(hub, local_data, base_dir):
     aux = MMLU("auxiliary_train", "train")  # rows unwrapped from the `train` struct
     assert len(aux) == 285 and aux[0] == MMLU("all", "dev", data_dir=str(local_data))[0]
     he = HumanEval(stop=3)
-    assert he[2]["task_id"] == "HumanEval/2" and he.evaluate(he[2], he[2]["canonical_solution"]) == 1
+    assert he[2]["task_id"] == f"HumanEval/{hf_shuffle_order(164)[2]}"  # the reference's order
+    assert he.evaluate(he[2], he[2]["messages"][1]["content"]) == 1
     assert len(SmolTalk("test")) == 175
 
 
