@@ -408,6 +408,7 @@ def main(argv=None):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections made while the model loads wait for it, not refused
     except OSError as e:
         raise SystemExit(f"chat_web: cannot listen on {args.host}:{args.port} ({e}); use another -p") from None
     try:

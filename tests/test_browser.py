@@ -413,26 +413,57 @@ def test_markdown_is_rendered_and_code_highlighted(page):
     assert page.texts(".msg.user .bubble")[-1] == "**not bold**\nsecond line"
 
 
-def test_streaming_markdown_renders_the_same_as_rendering_once(page):
-    """The incremental renderer (re-renders only changed blocks) against one full render, for the
-    markdown reply cut at every length; an unclosed fence shows as code while it streams."""
+TRICKY_MARKDOWN = """Setext title
+============
+
+- a loose list
+
+- that goes on after a blank line
+  and wraps
+
+1. numbers
+2. more
+
+A paragraph
+that continues.
+
+    indented code
+
+```
+unclosed fence at the end
+"""
+
+
+@pytest.mark.parametrize("name", ["reply", "tricky"])
+def test_streaming_markdown_renders_the_same_as_rendering_once(page, name):
+    """The incremental renderer (re-lexes and re-renders only the last blocks) against one full
+    render of the same text, with the text cut at every length: the same elements and the same
+    text; at the end, the same HTML. An unclosed fence shows as code while it streams."""
+    text = {"reply": MARKDOWN_REPLY, "tricky": TRICKY_MARKDOWN}[name]
     result = page.page.evaluate("""(text) => {
         const once = document.createElement('div'), live = document.createElement('div');
         const stream = new Markdown.StreamingMarkdown(live);
+        const shape = (el) => [...el.querySelectorAll('*')].filter((e) => !['DIV', 'BUTTON', 'SPAN'].includes(e.tagName))
+            .map((e) => e.tagName).join(',') + '|' + el.textContent.replace(/Copy/g, '');
         const mismatches = [];
-        for (let n = 1; n <= text.length; n += 3) {
+        for (let n = 1; n <= text.length; n++) {
             stream.update(text.slice(0, n));
             Markdown.render(once, text.slice(0, n));
-            const strip = (el) => el.textContent.replace(/Copy/g, '');
-            if (strip(live) !== strip(once)) mismatches.push(n);
+            if (shape(live) !== shape(once)) mismatches.push([n, shape(live), shape(once)]);
         }
         stream.update(text, true);
         Markdown.render(once, text);
+        // a reference link resolves once the reply is complete (mid-stream, only the last blocks are re-lexed)
+        const refs = document.createElement('div'), refStream = new Markdown.StreamingMarkdown(refs);
+        const refText = '[ref]: https://example.com/ref\\n\\nSome text.\\n\\nMore.\\n\\nA [link][ref].';
+        for (let n = 1; n <= refText.length; n++) refStream.update(refText.slice(0, n));
+        refStream.update(refText, true);
+        if (!refs.querySelector('a[href="https://example.com/ref"]')) mismatches.push('reference link');
         const fence = document.createElement('div');
         new Markdown.StreamingMarkdown(fence).update('Here:\\n\\n```js\\nconst x = 1;\\nconst y');
-        return {mismatches, same: live.innerHTML.replace(/<\\/?div[^>]*>/g, '') === once.innerHTML,
+        return {mismatches: mismatches.slice(0, 3), same: live.innerHTML.replace(/<\\/?div[^>]*>/g, '') === once.innerHTML,
                 fence: fence.querySelector('pre code') && fence.querySelector('pre code').textContent};
-    }""", MARKDOWN_REPLY)
+    }""", text)
     assert result["mismatches"] == [] and result["same"], result
     assert result["fence"].rstrip("\n") == "const x = 1;\nconst y"
 

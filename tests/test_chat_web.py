@@ -613,9 +613,21 @@ def test_listens_on_this_machine_only_unless_asked(chat_base_dir, tmp_path):
         assert warning.startswith("chat_web: warning: listening on every interface") and "no authentication" in warning
         addresses = re.findall(r"and http://([0-9.]+):(\d+)", others)
         assert all(p == port for _, p in addresses)
+        assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
         for address, _ in addresses[:3]:  # reachable as printed
             assert requests.get(f"http://{address}:{port}/health", timeout=30).json()["status"] == "ok"
-        assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_page_and_its_files_ship_in_the_package():
+    """pyproject's package-data globs cover every file the page serves, so an installed (not only
+    an editable) package serves the page."""
+    import tomllib
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["nanochat"]
+    package = REPO_ROOT / "nanochat"
+    shipped = {p for g in globs for p in package.glob(g) if p.is_file()}
+    needed = {package / "ui.html"} | {p for p in (package / "static").rglob("*") if p.is_file()}
+    assert needed - shipped == set(), sorted(str(p) for p in needed - shipped)

@@ -187,7 +187,9 @@ function toolEl(part) {  // collapsed: calculator · 6*7 → 42
   return chip;
 }
 
-// The body of an assistant message: its text parts as markdown, its tool calls as chips
+// The body of an assistant message: its text parts as markdown, its tool calls as chips. Rendered
+// once per message (re-rendering every reply whenever the conversation changes is a long task)
+const rendered = new WeakMap();
 function fillReply(body, m) {
   body.replaceChildren();
   for (const part of m.parts || [{ type: "text", text: m.content }]) {
@@ -217,9 +219,12 @@ function messageEl(m, i) {
     bubble.onclick = () => { if (!state.controller) { state.editing = i; render(); } };
     el.append(bubble);
   } else if (m.role === "assistant") {
-    const body = document.createElement("div");
-    body.className = "reply";
-    if (!m.streaming) fillReply(body, m);
+    let body = rendered.get(m);  // a reply is rendered once, then its element is reused
+    if (!body) {
+      body = document.createElement("div");
+      body.className = "reply";
+      if (!m.streaming) { fillReply(body, m); rendered.set(m, body); }
+    }
     el.append(body);
   } else {
     el.textContent = m.content;
@@ -327,7 +332,12 @@ function streamInto(reply, replyEl) {
       part.output = o.output;
       replyEl.lastChild.replaceWith(toolEl(part));
     },
-    stop() { if (frame) cancelAnimationFrame(frame); frame = 0; },
+    finish() {  // the last block settles (highlighted); the streamed element is the rendered reply
+      if (frame) { cancelAnimationFrame(frame); draw(); }
+      const part = reply.parts[reply.parts.length - 1];
+      if (live && part && part.type === "text") live.update(part.text, true);
+      rendered.set(reply, replyEl);
+    },
   };
 }
 
@@ -380,13 +390,15 @@ async function generate() {
     if (err.name === "AbortError") reply.stopped = true;  // the user pressed stop: keep what arrived
     else showBanner(err instanceof TypeError ? "Cannot reach the server. Is chat_web still running? (" + err.message + ")" : err.message);
   } finally {
-    stream.stop();
+    stream.finish();
     delete reply.streaming;
     const at = owner.messages.indexOf(reply);
     if (!reply.parts.length && at >= 0) owner.messages.splice(at, 1);
     state.controller = null;
     save();
+    const follow = nearBottom();
     render();  // the open conversation: the user may have opened another one meanwhile
+    if (follow) scrollDown();
     if (state.editing === null) input.focus();
   }
 }

@@ -14,8 +14,9 @@
    3. the server's Content-Security-Policy runs only the page's own scripts and loads from it only.
 
    While a reply streams, `StreamingMarkdown.update(text)` is called at most once per animation
-   frame; it lexes the text (linear) and re-renders only the blocks whose source changed -- usually
-   the last one -- so a 4,000-token reply is not re-rendered from the top at every token. An unclosed
+   frame; it lexes only the reply's last two blocks and re-renders only those whose source changed
+   -- usually the last one -- so a 4,000-token reply is not re-lexed or re-rendered from the top at
+   every frame (bench/chat_page.py measures it against doing so). An unclosed
    code fence lexes as a code block to the end of the text, so code in progress shows as code.
    The growing block is highlighted once it is complete (or the reply ends), not at every frame. */
 "use strict";
@@ -104,13 +105,21 @@ const Markdown = (() => {
   }
 
   class StreamingMarkdown {
-    constructor(el) { this.el = el; this.blocks = []; }  // blocks: [{raw, node, done}]
+    constructor(el) { this.el = el; this.blocks = []; }  // blocks: [{raw, node, done}]; their raws join to the text
 
+    // Re-lex only from the start of the second-to-last block (text appended to a reply can change
+    // at most its last two blocks: a blank line then more list items extends a list); the final
+    // update lexes everything once, so reference-style links defined earlier resolve too.
     update(text, final = false) {
-      const tokens = marked.lexer(text);
-      let i = 0;  // blocks before i are unchanged
-      while (i < tokens.length && i < this.blocks.length && this.blocks[i].raw === tokens[i].raw) i++;
-      for (const block of this.blocks.splice(i)) block.node.remove();
+      let keep = final ? 0 : Math.max(0, this.blocks.length - 2), offset = 0;
+      for (let j = 0; j < keep; j++) offset += this.blocks[j].raw.length;
+      if (text.slice(0, offset) !== this.blocks.slice(0, keep).map((b) => b.raw).join("")) keep = offset = 0;
+      const tokens = marked.lexer(text.slice(offset));
+      if (tokens.map((t) => t.raw).join("") !== text.slice(offset) && offset) return this.update(text, true);
+      let i = 0;  // tokens before i are unchanged
+      while (i < tokens.length && keep + i < this.blocks.length && this.blocks[keep + i].raw === tokens[i].raw) i++;
+      if (final && Object.keys(tokens.links || {}).length) i = 0;  // reference links (rare): draw it all anew
+      for (const block of this.blocks.splice(keep + i)) block.node.remove();
       for (let j = i; j < tokens.length; j++) {
         const node = document.createElement("div");
         node.className = "block";
