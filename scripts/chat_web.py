@@ -93,8 +93,8 @@ def serve(workers: list[Worker], tokenizer, meta: dict, args) -> None:
 app = FastAPI(title="nanochat")
 app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-# The page runs only its own files: no inline script or style, nothing from another host. Images
-# in replies may only come from this server (markdown image links to other hosts load nothing).
+# The page runs only its own files: no inline script or style, nothing from another host. (Markdown
+# images in replies become plain links in static/markdown.js; img-src 'self' is the backstop.)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
