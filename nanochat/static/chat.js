@@ -26,8 +26,15 @@ function render() {
   messagesEl.replaceChildren();
   $("empty").hidden = messages().length > 0;
   messages().forEach((m, i) => messagesEl.append(m.role === "user" && state.editing === i ? editorEl(i) : messageEl(m, i)));
+  renderActions();
+}
+
+// Below the conversation: regenerate the last reply, or retry after an error; then the sidebar
+// and the composer. All a finished reply needs (its own element is completed in place).
+function renderActions() {
+  messagesEl.querySelector(":scope > .actions")?.remove();
   const last = lastTurn();
-  if (!state.controller && last) {  // regenerate the last reply, or retry after an error
+  if (!state.controller && last) {
     const actions = document.createElement("div");
     actions.className = "actions";
     const button = document.createElement("button");
@@ -109,19 +116,21 @@ function messageEl(m, i) {
     el.textContent = m.content;
     return el;
   }
-  if (!m.streaming) {
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    meta.append(copyButton(m.role === "user" ? "Copy your message" : "Copy the reply", () => m.content));
-    if (m.stats || m.stopped) {
-      const stats = document.createElement("span");
-      stats.className = "stats";
-      stats.textContent = [m.stats ? statsText(m.stats) : "", m.stopped ? "stopped" : ""].filter(Boolean).join(" · ");
-      meta.append(stats);
-    }
-    el.append(meta);
-  }
+  if (!m.streaming) el.append(metaEl(m));
   return el;
+}
+
+function metaEl(m) {  // under a message: its copy button, and a reply's stats
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.append(copyButton(m.role === "user" ? "Copy your message" : "Copy the reply", () => m.content));
+  if (m.stats || m.stopped) {
+    const stats = document.createElement("span");
+    stats.className = "stats";
+    stats.textContent = [m.stats ? statsText(m.stats) : "", m.stopped ? "stopped" : ""].filter(Boolean).join(" · ");
+    meta.append(stats);
+  }
+  return meta;
 }
 
 function editorEl(i) {
@@ -275,8 +284,14 @@ async function generate() {
     if (!reply.parts.length && at >= 0) owner.messages.splice(at, 1);
     state.controller = null;
     save();
-    const follow = nearBottom();
-    render();  // the open conversation: the user may have opened another one meanwhile
+    const follow = nearBottom(), replyMsg = replyEl.parentElement;
+    if (owner === state.current && at >= 0 && reply.parts.length && replyMsg.isConnected) {
+      replyMsg.classList.remove("streaming");  // completed in place: moving a long reply's DOM is a long task
+      replyMsg.append(metaEl(reply));
+      renderActions();
+    } else {
+      render();  // the user opened another conversation, or nothing came back
+    }
     if (follow) scrollDown();
     if (state.editing === null) input.focus();
   }

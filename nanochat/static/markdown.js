@@ -108,17 +108,19 @@ const Markdown = (() => {
     constructor(el) { this.el = el; this.blocks = []; }  // blocks: [{raw, node, done}]; their raws join to the text
 
     // Re-lex only from the start of the second-to-last block (text appended to a reply can change
-    // at most its last two blocks: a blank line then more list items extends a list); the final
-    // update lexes everything once, so reference-style links defined earlier resolve too.
-    update(text, final = false) {
-      let keep = final ? 0 : Math.max(0, this.blocks.length - 2), offset = 0;
+    // at most its last two blocks: a blank line then more list items extends a list). When the
+    // reply has link definitions, the final update lexes it all once, so reference links resolve.
+    update(text, final = false, all = false) {
+      const relex = all || (final && /^ {0,3}\[[^\]]+\]:/m.test(text));  // link definitions: lex it all once
+      let keep = relex ? 0 : Math.max(0, this.blocks.length - 2), offset = 0;
       for (let j = 0; j < keep; j++) offset += this.blocks[j].raw.length;
       if (text.slice(0, offset) !== this.blocks.slice(0, keep).map((b) => b.raw).join("")) keep = offset = 0;
       const tokens = marked.lexer(text.slice(offset));
-      if (tokens.map((t) => t.raw).join("") !== text.slice(offset) && offset) return this.update(text, true);
+      // marked normalises a few sources (a list item "- " at the very end): then lex it all
+      if (offset && tokens.map((t) => t.raw).join("") !== text.slice(offset)) return this.update(text, final, true);
       let i = 0;  // tokens before i are unchanged
       while (i < tokens.length && keep + i < this.blocks.length && this.blocks[keep + i].raw === tokens[i].raw) i++;
-      if (final && Object.keys(tokens.links || {}).length) i = 0;  // reference links (rare): draw it all anew
+      if (relex && Object.keys(tokens.links || {}).length) i = 0;  // reference links (rare): draw it all anew
       for (const block of this.blocks.splice(keep + i)) block.node.remove();
       for (let j = i; j < tokens.length; j++) {
         const node = document.createElement("div");
