@@ -1,7 +1,7 @@
 """
 The chat server's request format: its limits, their validation, and the streaming text decoder.
 Used by scripts/chat_web.py (both its native endpoint and the OpenAI-compatible /v1 one) and,
-for the decoder, by scripts/chat_cli.py.
+for the decoders, by scripts/chat_cli.py.
 
 Design choices:
 - Bodies are validated by hand, not by pydantic, so every bad request -- invalid JSON, wrong types,
@@ -37,7 +37,7 @@ class RequestError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Streaming decoder: token ids in, complete UTF-8 text out
+# Streaming decoders: token ids in, complete UTF-8 text (and tool calls) out
 
 
 class StreamDecoder:
@@ -54,6 +54,47 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         return self.utf8.decode(self.token_bytes(token))
+
+
+class ReplyStream:
+    """A reply's token ids in, events out -- and never a special token as text:
+        ("text", str)          whole characters of the reply (through StreamDecoder)
+        ("tool_call", str)     the expression between <|python_start|> and <|python_end|>
+        ("tool_output", str)   the tool's answer between <|output_start|> and <|output_end|>
+    Any other special token (one the model should not write mid-reply) is dropped. Text split by a
+    tool call is flushed first, so the events are in reply order. `finish()` flushes a call or
+    output cut short by max_tokens. Used by chat_web (both endpoints) and chat_cli."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoder = tokenizer, StreamDecoder(tokenizer)
+        special = tokenizer.encode_special
+        self.opening = {special("<|python_start|>"): "tool_call", special("<|output_start|>"): "tool_output"}
+        self.closing = {special("<|python_end|>"): "tool_call", special("<|output_end|>"): "tool_output"}
+        self.specials = {special(name) for name in tokenizer.get_special_tokens()}
+        self.inside, self.ids = None, []  # the tool part being read ("tool_call"/"tool_output") and its ids
+
+    def push(self, token: int) -> list[tuple[str, str]]:
+        if token in self.opening:
+            events = self.finish()  # text before the call; an unclosed part (the model misbehaving)
+            self.inside, self.ids = self.opening[token], []
+            return events
+        if self.inside is not None and self.closing.get(token) == self.inside:
+            return self.finish()
+        if token in self.specials:
+            return []
+        if self.inside is not None:
+            self.ids.append(token)
+            return []
+        text = self.decoder.push(token)
+        return [("text", text)] if text else []
+
+    def finish(self) -> list[tuple[str, str]]:
+        """Flush: the pending tool part (if any) as its event; text held back stays held back."""
+        if self.inside is None:
+            return []
+        event = (self.inside, self.tokenizer.decode(self.ids))
+        self.inside, self.ids = None, []
+        return [event]
 
 
 # -----------------------------------------------------------------------------

@@ -5,28 +5,30 @@ Run:
     python -m scripts.chat_web                          # the SFT model on one GPU (or the CPU), port 8000
     python -m scripts.chat_web -n 8                     # 8 GPUs: one model replica per GPU
     python -m scripts.chat_web -i rl -t 0.6 -k 40 -p 8080
-    python -m scripts.chat_web --device_type cpu --host 127.0.0.1 -p 0   # 0: any free port (printed)
-and open http://localhost:8000. Endpoints:
-    GET  /                     the chat UI (nanochat/ui.html)
+    python -m scripts.chat_web --host 0.0.0.0           # other machines too (no authentication!)
+and open http://127.0.0.1:8000 (it listens on this machine only unless --host says otherwise). Endpoints:
+    GET  /                     the chat page (nanochat/ui.html; its script, styles, libraries: nanochat/static/)
     POST /chat/completions     {messages, temperature?, top_k?, max_tokens?, seed?} -> Server-Sent Events
-                               data: {"token": "..."} ... data: {"done": true}
+                               {"token": "..."} ... {"tool_call"|"tool_output": {...}} ... {"done": true, "stats": ...}
     POST /v1/chat/completions  the OpenAI Chat Completions API, streaming or not, so OpenAI clients work:
-                               OpenAI(base_url="http://localhost:8000/v1", api_key="none")
+                               OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     GET  /v1/models            the model being served
-    GET  /health, GET /stats   liveness; workers, requests, tokens
+    GET  /health, GET /stats   liveness, the model's name, depth and context; workers, requests, tokens
 
 Design choices:
+- Flat: the routes are module-level functions; what they share (workers, tokenizer, model, counters)
+  is one small `Served` object that main() sets before the server starts.
 - A worker pool: one model replica + Engine per GPU (one worker on CPU/MPS). A request waits for a
   free worker (an asyncio.Queue) and the worker goes back into the queue when its generation thread
   ends -- after success, error or client disconnect alike -- so a worker can never leak.
 - Generation runs in a thread per request, off the event loop, so streams interleave and the server
   answers /health while generating. The thread checks a stop flag at every token: a client that goes
   away frees its worker at the next token.
-- Only complete UTF-8 is sent: a token can be part of a multi-byte character (an emoji is 4 bytes,
-  often several tokens), so token bytes go through an incremental UTF-8 decoder (StreamDecoder).
-- Bodies are validated by hand in nanochat/chat_api.py, not by pydantic, so every bad request --
-  invalid JSON, wrong types, unknown roles, empty or oversized messages, out-of-range parameters --
-  is a 400 whose JSON says what is wrong and how to fix it; never a 422 or a 500.
+- No special token is ever sent as text: tokens go through nanochat.chat_api.ReplyStream, which
+  sends whole UTF-8 characters and turns the calculator's <|python_start|>...<|output_end|> into
+  tool events (the native stream sends them; the OpenAI endpoint leaves them out of `content`).
+- Bodies are validated by hand in nanochat/chat_api.py, not by pydantic: every bad request is a
+  400 whose JSON says what is wrong and how to fix it; never a 422 or a 500.
 - Each request gets a fresh random seed unless it asks for one (`seed`), so "regenerate" differs.
 """
 
@@ -42,319 +44,314 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import nanochat
 from nanochat.chat_api import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest,
-                               RequestError, StreamDecoder, parse_chat_request, parse_json_body)
+                               ReplyStream, RequestError, parse_chat_request, parse_json_body)
+from nanochat.chat_workers import Stats, Worker, WorkerPool, load_workers
 
 logger = logging.getLogger("nanochat.chat_web")
+PACKAGE_DIR = os.path.dirname(nanochat.__file__)
+UI_PATH = os.path.join(PACKAGE_DIR, "ui.html")  # the page; its script, styles and vendored libraries:
+STATIC_DIR = os.path.join(PACKAGE_DIR, "static")  # shipped as package data (pyproject.toml)
 
 # -----------------------------------------------------------------------------
-# Workers: one model replica + Engine per device
+# What the routes share: set once by main() (or a test) before the server starts
 
 
 @dataclass
-class Worker:
-    index: int
-    device: object  # torch.device
-    engine: object  # nanochat.engine.Engine
-    autocast: object  # () -> context manager (bf16 on CUDA); thread-local, so entered in the thread
+class Served:
+    pool: WorkerPool
+    tokenizer: object  # nanochat.tokenizer.RustBPETokenizer
+    model_name: str  # nanochat-<source>-<tag>-step<N>, as /v1/models and /health name it
+    depth: int
+    context_len: int  # the longest prompt + reply the model reads, in tokens
+    stop_ids: set  # <|assistant_end|> and <|bos|> end a reply
+    defaults: dict  # temperature, top_k, max_tokens when a request leaves them out
+    stats: Stats
 
 
-class WorkerPool:
-    """Requests borrow a worker with `await acquire()`; the generation thread gives it back."""
-
-    def __init__(self, workers: list[Worker]):
-        self.workers = workers
-        self.queue: asyncio.Queue = asyncio.Queue()
-        for worker in workers:
-            self.queue.put_nowait(worker)
-        self.waiting = 0
-
-    async def acquire(self) -> Worker:
-        self.waiting += 1
-        try:
-            return await self.queue.get()
-        finally:
-            self.waiting -= 1
-
-    def release(self, worker: Worker) -> None:  # on the event loop's thread
-        self.queue.put_nowait(worker)
-
-    @property
-    def available(self) -> int:
-        return self.queue.qsize()
+served: Served | None = None
 
 
-@dataclass
-class Stats:
-    started: float
-    requests_served: int = 0  # replies that ran to the end (stop token or max_tokens)
-    requests_cancelled: int = 0  # the client went away mid-reply
-    requests_failed: int = 0  # generation raised
-    requests_rejected: int = 0  # 4xx answers
-    in_flight: int = 0
-    tokens_generated: int = 0
+def serve(workers: list[Worker], tokenizer, meta: dict, args) -> None:
+    global served
+    config = meta["model_config"]
+    served = Served(pool=WorkerPool(workers), tokenizer=tokenizer,  # the queue binds to the loop on first use
+                    model_name=f"nanochat-{args.source}-{args.model_tag}-step{meta['step']}",
+                    depth=config["n_layer"], context_len=config["sequence_len"],
+                    stop_ids={tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()},
+                    defaults={"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
+                    stats=Stats(started=time.time()))
 
 
-def load_workers(args) -> tuple[list[Worker], object, dict]:
-    """One replica per GPU (or one on CPU/MPS); returns (workers, tokenizer, meta)."""
-    import torch
-    from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-    from nanochat.common import compute_init, get_base_dir
-    from nanochat.engine import Engine
-    compute = compute_init(args.device_type)
-    if compute.device_type == "cuda":
-        if args.num_gpus > torch.cuda.device_count():
-            raise SystemExit(f"-n/--num_gpus {args.num_gpus}: only {torch.cuda.device_count()} GPU(s) visible")
-        devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
+app = FastAPI(title="nanochat")
+app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+# The page runs only its own files: no inline script or style, nothing from another host. (Markdown
+# images in replies become plain links in static/markdown.js; img-src 'self' is the backstop.)
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# -----------------------------------------------------------------------------
+# Errors -> JSON, never a 422
+
+
+def error_response(request, status: int, message: str, param=None):
+    served.stats.requests_rejected += status < 500
+    if request.url.path.startswith("/v1/"):  # OpenAI's shape, so its client shows the message
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        content = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     else:
-        if args.num_gpus != 1:
-            raise SystemExit(f"-n/--num_gpus {args.num_gpus} needs CUDA; on {compute.device_type} there is one worker")
-        devices = [compute.device]
-    if args.model_tag is None:  # resolve it once: every replica loads the same model, /v1/models names it
-        try:
-            args.model_tag = find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
-        except FileNotFoundError as e:
-            producer = SOURCES[args.source][1]
-            raise FileNotFoundError(f"no {args.source} checkpoint ({e}); `{producer}` writes them") from e
-    workers, tokenizer, meta = [], None, None
-    for i, device in enumerate(devices):
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        args.step = meta["step"]  # the same step on every replica, even if a newer one lands meanwhile
-        model.to(compute.compute_dtype)  # bf16 weights on CUDA, cast once
-        engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
-        logger.info(f"worker {i}: decode step warm-up (compile_decode={engine.compile_decode}) took {engine.warmup((1,)):.1f}s")
-        workers.append(Worker(i, device, engine, compute.autocast))
-        logger.info(f"worker {i}: {args.source} model (step {meta['step']}) on {device}")
-    return workers, tokenizer, meta
+        content = {"error": message}
+    return JSONResponse(content, status_code=status)
+
+
+@app.exception_handler(RequestError)
+async def on_request_error(request, exc: RequestError):
+    return error_response(request, exc.status, str(exc), exc.param)
+
+
+@app.exception_handler(RequestValidationError)
+async def on_validation_error(request, exc):
+    return error_response(request, 400, f"invalid request: {exc.errors()}")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def on_http_error(request, exc):  # 404, 405, ...
+    return error_response(request, exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(Exception)
+async def on_server_error(request, exc):  # a bug, not a bad request: still JSON, and logged
+    logger.exception(f"{request.method} {request.url.path} failed")
+    return error_response(request, 500, f"internal error: {type(exc).__name__}")
+
+
+async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+    chat = parse_chat_request(parse_json_body(bytes(raw)), served.defaults, openai=openai)
+    messages = chat.messages + [{"role": "assistant", "content": ""}]
+    tokens = served.tokenizer.render_for_completion({"messages": messages})
+    if len(tokens) >= served.context_len:
+        raise RequestError(f"the conversation is {len(tokens):,} tokens; this model reads at most "
+                           f"{served.context_len:,}: start a new conversation", param="messages")
+    chat.max_tokens = min(chat.max_tokens, served.context_len - len(tokens))
+    return chat, tokens
 
 
 # -----------------------------------------------------------------------------
-# The app
+# Generation: a thread per request, its events handed to the event loop
 
 
-def create_app(workers: list[Worker], tokenizer, meta: dict, args) -> "FastAPI":  # noqa: F821
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+async def generate(chat: ChatRequest, tokens: list[int]):
+    """Async iterator of ("text", str), ("tool_call", str), ("tool_output", str) events, then
+    ("end", finish_reason, stats) or ("error", message). The worker is returned by the generation
+    thread when it ends, however the request ends. stats: tokens (generated, tool output included),
+    ttft_s (request in to first token out, queueing and prefill included), tokens_per_s (after the
+    first token: the decode speed) and prompt_tokens."""
+    request_id, t_request = secrets.token_hex(4), time.time()
+    logger.info(f"[{request_id}] {len(chat.messages)} message(s), {len(tokens)} prompt tokens, "
+                f"T={chat.temperature} k={chat.top_k} max={chat.max_tokens} seed={chat.seed}; "
+                f"user: {chat.messages[-1]['content'][:500]!r}")
+    stats = served.stats
+    worker = await served.pool.acquire()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    stats.in_flight += 1
 
-    app = FastAPI(title="nanochat")
-    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    model_name = f"nanochat-{args.source}-{args.model_tag}-step{meta['step']}"
-    context_len = meta["model_config"]["sequence_len"]
-    stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    import nanochat
-    ui_path = os.path.join(os.path.dirname(nanochat.__file__), "ui.html")  # shipped as package data
-    pool = WorkerPool(workers)  # its queue binds to the server's event loop on first use
-    stats = Stats(started=time.time())
+    def put(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
 
-    # ------------------------------------------------------------------ errors -> JSON, never 422
-    def error_response(request, status: int, message: str, param=None):
-        stats.requests_rejected += status < 500
-        if request.url.path.startswith("/v1/"):  # OpenAI's shape, so its client shows the message
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            content = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-        else:
-            content = {"error": message}
-        return JSONResponse(content, status_code=status)
-
-    @app.exception_handler(RequestError)
-    async def on_request_error(request, exc: RequestError):
-        return error_response(request, exc.status, str(exc), exc.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request, exc):
-        return error_response(request, 400, f"invalid request: {exc.errors()}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request, exc):  # 404, 405, ...
-        return error_response(request, exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def on_server_error(request, exc):  # a bug, not a bad request: still JSON, and logged
-        logger.exception(f"{request.method} {request.url.path} failed")
-        return error_response(request, 500, f"internal error: {type(exc).__name__}")
-
-    async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-        chat = parse_chat_request(parse_json_body(bytes(raw)), defaults, openai=openai)
-        tokens = tokenizer.render_for_completion({"messages": chat.messages + [{"role": "assistant", "content": ""}]})
-        if len(tokens) >= context_len:
-            raise RequestError(f"the conversation is {len(tokens):,} tokens; this model reads at most {context_len:,}: "
-                               f"start a new conversation", param="messages")
-        chat.max_tokens = min(chat.max_tokens, context_len - len(tokens))
-        return chat, tokens
-
-    # ------------------------------------------------------------------ generation
-    async def generate(chat: ChatRequest, tokens: list[int]):
-        """Async iterator of ("text", str) events, then ("end", finish_reason, n_tokens) or ("error", msg).
-        The worker is returned by the generation thread when it ends, however the request ends."""
-        request_id = secrets.token_hex(4)
-        logger.info(f"[{request_id}] {len(chat.messages)} message(s), {len(tokens)} prompt tokens, "
-                    f"T={chat.temperature} k={chat.top_k} max={chat.max_tokens} seed={chat.seed}; "
-                    f"user: {chat.messages[-1]['content'][:500]!r}")
-        worker = await pool.acquire()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-        stats.in_flight += 1
-
-        def put(*event):
+    def run():  # in its own thread
+        import torch
+        reply, n, finish, t_first = ReplyStream(served.tokenizer), 0, "length", None
+        text = []
+        last = ("error", "generation was interrupted")  # the stream's final event
+        try:
+            with torch.inference_mode(), worker.autocast():
+                for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
+                                                              temperature=chat.temperature,
+                                                              top_k=chat.top_k or None, seed=chat.seed):
+                    if stop.is_set():
+                        finish = "cancelled"
+                        break
+                    t_first = t_first or time.time()
+                    token = token_column[0]
+                    if token in served.stop_ids:
+                        finish = "stop"
+                        break
+                    n += 1
+                    for event in reply.push(token):
+                        text.append(event[1] if event[0] == "text" else f"[{event[0]}: {event[1]}]")
+                        put(event)
+            for event in reply.finish():
+                put(event)
+            t_end = time.time()
+            speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else None
+            numbers = {"tokens": n, "prompt_tokens": len(tokens),
+                       "ttft_s": round(t_first - t_request, 4) if t_first else None,
+                       "tokens_per_s": round(speed, 2) if speed else None}
+            logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {t_end - t_request:.2f}s "
+                        f"({numbers['tokens_per_s']} tok/s); assistant: {''.join(text)[:500]!r}")
+            last = ("end", finish, numbers)
+        except Exception as e:
+            finish = "error"
+            logger.exception(f"[{request_id}] generation failed")
+            last = ("error", f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            def finish_request():  # on the event loop: the worker is free before the client hears "done"
+                stats.in_flight -= 1
+                stats.tokens_generated += n
+                stats.requests_served += finish in ("stop", "length")
+                stats.requests_cancelled += finish == "cancelled"
+                stats.requests_failed += finish not in ("stop", "length", "cancelled")
+                served.pool.release(worker)
+                events.put_nowait(last)
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(finish_request)
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
 
-        def run():  # in its own thread
-            import torch
-            decoder, reply, n, finish, t0 = StreamDecoder(tokenizer), [], 0, "length", time.time()
-            last = ("error", "generation was interrupted")  # the stream's final event
-            try:
-                with torch.inference_mode(), worker.autocast():
-                    for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
-                                                                  temperature=chat.temperature,
-                                                                  top_k=chat.top_k or None, seed=chat.seed):
-                        if stop.is_set():
-                            finish = "cancelled"
-                            break
-                        token = token_column[0]
-                        if token in stop_ids:
-                            finish = "stop"
-                            break
-                        n += 1
-                        if text := decoder.push(token):
-                            reply.append(text)
-                            put("text", text)
-                dt = time.time() - t0
-                logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {dt:.2f}s "
-                            f"({n / max(dt, 1e-9):.1f} tok/s); assistant: {''.join(reply)[:500]!r}")
-                last = ("end", finish, n)
-            except Exception as e:
-                finish = "error"
-                logger.exception(f"[{request_id}] generation failed")
-                last = ("error", f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                def finish_request():  # on the event loop: the worker is free before the client hears "done"
-                    stats.in_flight -= 1
-                    stats.tokens_generated += n
-                    stats.requests_served += finish in ("stop", "length")
-                    stats.requests_cancelled += finish == "cancelled"
-                    stats.requests_failed += finish not in ("stop", "length", "cancelled")
-                    pool.release(worker)
-                    events.put_nowait(last)
-                try:
-                    loop.call_soon_threadsafe(finish_request)
-                except RuntimeError:  # the event loop is gone (server shutting down)
-                    pass
+    threading.Thread(target=run, name=f"generate-{request_id}", daemon=True).start()
+    try:
+        while True:
+            event = await events.get()
+            yield event
+            if event[0] in ("end", "error"):
+                return
+    finally:
+        stop.set()  # no await here: this also runs when the client's disconnect cancels us
 
-        threading.Thread(target=run, name=f"generate-{request_id}", daemon=True).start()
-        try:
-            while True:
-                event = await events.get()
-                yield event
-                if event[0] != "text":
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# -----------------------------------------------------------------------------
+# Endpoints
+
+
+@app.get("/")
+async def root():
+    return FileResponse(UI_PATH, media_type="text/html", headers=PAGE_HEADERS)
+
+
+@app.get("/health")
+async def health():
+    return {"status": "ok", "model": served.model_name, "depth": served.depth, "context_len": served.context_len,
+            "defaults": served.defaults, "workers_total": len(served.pool.workers),
+            "workers_available": served.pool.available}
+
+
+@app.get("/stats")
+async def get_stats():
+    stats, pool = served.stats, served.pool
+    return {"model": served.model_name, "workers_total": len(pool.workers), "workers_available": pool.available,
+            "requests_waiting": pool.waiting, "requests_in_flight": stats.in_flight,
+            "requests_served": stats.requests_served, "requests_cancelled": stats.requests_cancelled,
+            "requests_failed": stats.requests_failed, "requests_rejected": stats.requests_rejected,
+            "tokens_generated": stats.tokens_generated, "uptime_s": round(time.time() - stats.started, 1),
+            "workers": [{"index": w.index, "device": str(w.device)} for w in pool.workers]}
+
+
+@app.post("/chat/completions")
+async def chat_completions(request: Request):
+    """The page's stream: {"token": text} ..., {"tool_call": {...}} / {"tool_output": {...}} where the
+    model used its calculator, then {"done": true, "finish_reason": ..., "stats": {...}}."""
+    chat, tokens = await read_request(request, openai=False)
+
+    async def stream():
+        async with aclosing(generate(chat, tokens)) as events:
+            async for event in events:
+                kind = event[0]
+                if kind == "text":
+                    yield sse({"token": event[1]})
+                elif kind == "tool_call":
+                    yield sse({"tool_call": {"tool": "calculator", "input": event[1]}})
+                elif kind == "tool_output":
+                    yield sse({"tool_output": {"tool": "calculator", "output": event[1]}})
+                elif kind == "error":
+                    yield sse({"error": event[1]})
+                    yield sse({"done": True})
+                else:
+                    yield sse({"done": True, "finish_reason": event[1], "stats": event[2]})
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@app.get("/v1/models")
+async def models():
+    return {"object": "list", "data": [{"id": served.model_name, "object": "model",
+                                        "created": int(served.stats.started), "owned_by": "nanochat"}]}
+
+
+@app.post("/v1/chat/completions")
+async def openai_chat_completions(request: Request):
+    """OpenAI's Chat Completions. `content` is the reply's text only: the calculator's call and its
+    output are left out (the model restates the result in its text; /chat/completions streams them
+    as their own events)."""
+    chat, tokens = await read_request(request, openai=True)
+    head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
+
+    def usage(n: int) -> dict:
+        return {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
+
+    if not chat.stream:
+        texts = []
+        async with aclosing(generate(chat, tokens)) as events:
+            async for event in events:
+                if event[0] == "text":
+                    texts.append(event[1])
+                elif event[0] == "error":
+                    return error_response(request, 500, event[1])
+                elif event[0] == "end":
+                    finish, n = event[1], event[2]["tokens"]
+        message = {"role": "assistant", "content": "".join(texts)}
+        return {**head, "object": "chat.completion", "usage": usage(n),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
+
+    def chunk(delta: dict, finish=None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+    async def stream():
+        yield chunk({"role": "assistant", "content": ""})
+        async with aclosing(generate(chat, tokens)) as events:
+            async for event in events:
+                if event[0] == "text":
+                    yield chunk({"content": event[1]})
+                elif event[0] == "error":
+                    error = {"message": event[1], "type": "server_error", "param": None, "code": None}
+                    yield sse({"error": error})
                     return
-        finally:
-            stop.set()  # no await here: this also runs when the client's disconnect cancels us
+                elif event[0] == "end":
+                    yield chunk({}, finish=event[1])
+                    if chat.include_usage:
+                        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                                   "usage": usage(event[2]["tokens"])})
+        yield "data: [DONE]\n\n"
 
-    def sse(payload: dict) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-    # ------------------------------------------------------------------ endpoints
-    @app.get("/")
-    async def root():
-        with open(ui_path, encoding="utf-8") as f:
-            return HTMLResponse(f.read())
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "defaults": defaults,
-                "workers_total": len(workers), "workers_available": pool.available}
-
-    @app.get("/stats")
-    async def get_stats():
-        return {"model": model_name, "workers_total": len(workers), "workers_available": pool.available,
-                "requests_waiting": pool.waiting, "requests_in_flight": stats.in_flight,
-                "requests_served": stats.requests_served, "requests_cancelled": stats.requests_cancelled,
-                "requests_failed": stats.requests_failed, "requests_rejected": stats.requests_rejected,
-                "tokens_generated": stats.tokens_generated, "uptime_s": round(time.time() - stats.started, 1),
-                "workers": [{"index": w.index, "device": str(w.device)} for w in workers]}
-
-    @app.post("/chat/completions")
-    async def chat_completions(request: Request):
-        chat, tokens = await read_request(request, openai=False)
-
-        async def stream():
-            async with aclosing(generate(chat, tokens)) as events:
-                async for event in events:
-                    if event[0] == "text":
-                        yield sse({"token": event[1]})
-                    elif event[0] == "error":
-                        yield sse({"error": event[1]})
-            yield sse({"done": True})
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=sse_headers)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(stats.started),
-                                            "owned_by": "nanochat"}]}
-
-    @app.post("/v1/chat/completions")
-    async def openai_chat_completions(request: Request):
-        chat, tokens = await read_request(request, openai=True)
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name}
-
-        def usage(n: int) -> dict:
-            return {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
-
-        if not chat.stream:
-            texts = []
-            async with aclosing(generate(chat, tokens)) as events:
-                async for event in events:
-                    if event[0] == "text":
-                        texts.append(event[1])
-                    elif event[0] == "error":
-                        return error_response(request, 500, event[1])
-                    else:
-                        finish, n = event[1], event[2]
-            message = {"role": "assistant", "content": "".join(texts)}
-            return {**head, "object": "chat.completion", "usage": usage(n),
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
-
-        def chunk(delta: dict, finish=None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
-
-        async def stream():
-            yield chunk({"role": "assistant", "content": ""})
-            async with aclosing(generate(chat, tokens)) as events:
-                async for event in events:
-                    if event[0] == "text":
-                        yield chunk({"content": event[1]})
-                    elif event[0] == "error":
-                        error = {"message": event[1], "type": "server_error", "param": None, "code": None}
-                        yield sse({"error": error})
-                        return
-                    else:
-                        yield chunk({}, finish=event[1])
-                        if chat.include_usage:
-                            yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                                       "usage": usage(event[2])})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=sse_headers)
-
-    return app
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 # -----------------------------------------------------------------------------
@@ -369,11 +366,12 @@ def parse_args(argv=None):
     parser.add_argument("-k", "--top_k", type=int, default=50, help="default top-k (0: whole vocabulary)")
     parser.add_argument("-m", "--max_tokens", type=int, default=512, help="default reply length cap in tokens")
     parser.add_argument("-p", "--port", type=int, default=8000, help="port (0: any free port)")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default: this machine only; 0.0.0.0: every interface)")
     parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: compile the decode step (CUDA graphs), 0: eager; default: on for CUDA")
+    parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: capture the decode step as a CUDA graph (compile it off CUDA), 0: eager; default: on for CUDA")
     args = parser.parse_args(argv)
     for name, value, (lo, hi) in [("temperature", args.temperature, TEMPERATURE_RANGE),
                                   ("top_k", args.top_k, TOP_K_RANGE),
@@ -383,6 +381,22 @@ def parse_args(argv=None):
     if args.num_gpus < 1:
         parser.error(f"--num_gpus must be at least 1, got {args.num_gpus}")
     return args
+
+
+def reachable_urls(host: str, port: int) -> list[str]:
+    """The URLs a browser can use: the host itself, or for a wildcard (0.0.0.0, ::) loopback first
+    and then every address of this machine's interfaces."""
+    if host not in ("0.0.0.0", "::", ""):
+        return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"]
+    import psutil
+    urls = [f"http://127.0.0.1:{port}"]
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                urls.append(f"http://{address.address}:{port}")
+            elif host == "::" and address.family == socket.AF_INET6 and not address.address.startswith(("fe80", "::1")):
+                urls.append(f"http://[{address.address}]:{port}")
+    return urls
 
 
 def main(argv=None):
@@ -395,16 +409,19 @@ def main(argv=None):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections made while the model loads wait for it, not refused
     except OSError as e:
         raise SystemExit(f"chat_web: cannot listen on {args.host}:{args.port} ({e}); use another -p") from None
     try:
         workers, tokenizer, meta = load_workers(args)
     except FileNotFoundError as e:
         raise SystemExit(f"chat_web: {e}") from None
-    app = create_app(workers, tokenizer, meta, args)
-    port = sock.getsockname()[1]
-    shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"nanochat: serving {args.source} model on http://{shown}:{port}", flush=True)
+    serve(workers, tokenizer, meta, args)
+    urls = reachable_urls(args.host, sock.getsockname()[1])
+    print(f"nanochat: serving {args.source} model on {' and '.join(urls)}", flush=True)
+    if args.host in ("0.0.0.0", "::", ""):
+        print("chat_web: warning: listening on every interface, with no authentication: anyone who can reach "
+              "this machine can use the model", flush=True)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
 

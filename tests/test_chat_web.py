@@ -31,6 +31,10 @@ from conftest import REPO_ROOT
 
 HI_REPLY = "Hello 😀 你好!"  # the trained answer to "hi", ended by <|assistant_end|>
 SING_CHUNK = "la 🎵 "  # the trained answer to "sing", repeated without end
+# the trained answer to "calc": it calls the calculator (the engine writes the output), then goes on
+CALC_PARTS = [{"type": "text", "text": "Let me compute. "}, {"type": "python", "text": "6*7"},
+              {"type": "python_output", "text": "42"}, {"type": "text", "text": "The answer is 42."}]
+CALC_TEXT = "Let me compute. The answer is 42."
 MODEL_TAG = "d2"
 TRAIN_STEPS = 80  # AdamW at 1e-2: the loss is below 0.01 after ~50 steps
 
@@ -58,7 +62,7 @@ def build_chat_base_dir(path: Path, tokenizer_dir: Path) -> Path:
     model.to_empty(device="cpu")
     model.init_weights()
     rows = []
-    for prompt, reply, ends in [("hi", HI_REPLY, True), ("sing", SING_CHUNK * 24, False)]:
+    for prompt, reply, ends in [("hi", HI_REPLY, True), ("sing", SING_CHUNK * 24, False), ("calc", CALC_PARTS, True)]:
         ids, mask = tokenizer.render_conversation({"messages": [{"role": "user", "content": prompt},
                                                                 {"role": "assistant", "content": reply}]})
         if not ends:  # never trained to stop: the reply goes on until max_tokens
@@ -163,9 +167,9 @@ def chat(server: Server, body: dict, timeout: float = 60) -> tuple[list[str], li
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/event-stream")
     events = parse_sse(r.content)
-    assert events[-1] == {"done": True}, events[-3:]
-    assert all("error" not in e for e in events), events
-    return [e["token"] for e in events[:-1]], events
+    assert events[-1]["done"] is True and events[-1]["finish_reason"] in ("stop", "length"), events[-3:]
+    assert all("error" not in e and "done" not in e for e in events[:-1]), events
+    return [e["token"] for e in events if "token" in e], events
 
 
 def user(text: str) -> list[dict]:
@@ -210,6 +214,35 @@ def test_stream_decoder_equals_decoding_everything_at_once(tiny_tokenizer):
     assert len(ids) == 4
     decoder = StreamDecoder(tiny_tokenizer)
     assert [decoder.push(i) for i in ids] == ["", "", "", "😀"]
+
+
+def test_reply_stream_turns_tool_calls_into_events_and_drops_specials(tiny_tokenizer):
+    """ReplyStream against the tokenizer's own rendering: the text between tool parts comes out
+    whole, each part as its event, and no special token ever becomes text -- also for a call cut
+    off by the end of the reply and for specials the model should not write mid-reply."""
+    from nanochat.chat_api import ReplyStream
+    tok = tiny_tokenizer
+    ids, _ = tok.render_conversation({"messages": [{"role": "user", "content": "x"},
+                                                   {"role": "assistant", "content": CALC_PARTS}]})
+    reply = ids[ids.index(tok.encode_special("<|assistant_start|>")) + 1:]  # ends with <|assistant_end|>
+    stream = ReplyStream(tok)
+    events = [e for t in reply for e in stream.push(t)] + stream.finish()
+    merged = []  # consecutive text pieces joined
+    for kind, text in events:
+        if merged and kind == "text" == merged[-1][0]:
+            merged[-1] = ("text", merged[-1][1] + text)
+        else:
+            merged.append((kind, text))
+    assert merged == [("text", "Let me compute. "), ("tool_call", "6*7"), ("tool_output", "42"),
+                      ("text", "The answer is 42.")]
+    # cut off inside a call; stray specials (bos, user_start, a lone python_end) are dropped
+    special = tok.encode_special
+    stream = ReplyStream(tok)
+    ids = tok.encode("a") + [special("<|bos|>"), special("<|python_end|>"), special("<|user_start|>")] + \
+        tok.encode("b") + [special("<|python_start|>")] + tok.encode("1+")
+    events = [e for t in ids for e in stream.push(t)] + stream.finish()
+    assert events == [("text", "a"), ("text", "b"), ("tool_call", "1+")]
+    assert not any("<|" in text for _, text in events)
 
 
 # -----------------------------------------------------------------------------
@@ -257,9 +290,41 @@ def test_multi_turn_conversation(server):
     assert tokens
 
 
+def test_a_tool_call_is_its_own_event_on_both_endpoints_and_no_special_reaches_text(server):
+    tokens, events = chat(server, {"messages": user("calc"), "temperature": 0})
+    kinds = [next(iter(e)) for e in events]
+    assert kinds.count("tool_call") == 1 and kinds.count("tool_output") == 1
+    call, output = (events[kinds.index(k)] for k in ("tool_call", "tool_output"))
+    assert call == {"tool_call": {"tool": "calculator", "input": "6*7"}}
+    assert output == {"tool_output": {"tool": "calculator", "output": "42"}}
+    assert kinds.index("tool_call") < kinds.index("tool_output") < len(kinds) - 2  # text follows the output
+    assert "".join(tokens) == CALC_TEXT
+    assert not any("<|" in t for t in tokens)
+    done = events[-1]
+    assert done["finish_reason"] == "stop" and done["stats"]["tokens"] > len(tokens)  # the tool's tokens count
+    # the OpenAI endpoint: the same text in `content`, streamed or not, and no special anywhere
+    body = {"messages": user("calc"), "temperature": 0}
+    whole = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert whole["choices"][0]["message"]["content"] == CALC_TEXT
+    r = requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    chunks = [json.loads(line[6:]) for line in r.text.split("\n") if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == CALC_TEXT
+    assert "<|" not in r.text and "<|" not in json.dumps(whole)
+
+
+def test_the_final_event_carries_the_reply_stats(server):
+    tokens, events = chat(server, {"messages": user("sing"), "temperature": 0, "max_tokens": 12})
+    done = events[-1]
+    assert done["finish_reason"] == "length"
+    stats = done["stats"]
+    assert stats["tokens"] == 12 and stats["prompt_tokens"] > 3
+    assert 0 < stats["ttft_s"] < 30 and stats["tokens_per_s"] > 0
+
+
 def test_health_stats_models_and_ui(server):
     health = requests.get(server.url + "/health", timeout=5).json()
     assert health["status"] == "ok" and health["workers_total"] == 1
+    assert health["depth"] == 2 and health["context_len"] == 2048
     assert health["model"] == f"nanochat-sft-d2-step{TRAIN_STEPS}"
     assert health["defaults"] == {"temperature": 0.8, "top_k": 50, "max_tokens": 64}
     before = requests.get(server.url + "/stats", timeout=5).json()
@@ -273,8 +338,40 @@ def test_health_stats_models_and_ui(server):
     assert models["object"] == "list" and models["data"][0]["id"] == health["model"]
     page = requests.get(server.url + "/", timeout=5)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "<textarea" in page.text and "/chat/completions" in page.text
-    assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", page.text)  # no external resources
+    assert "<textarea" in page.text and 'id="messages"' in page.text
+
+
+def test_the_page_runs_only_its_own_files(server):
+    """The page's CSP allows scripts, styles, images and connections from this server only, and
+    no inline script; every file the page names is served; none names another host."""
+    page = requests.get(server.url + "/", timeout=5)
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'"
+    for directive in ("script-src", "style-src", "img-src", "connect-src"):
+        assert csp[directive] == "'self'", (directive, csp[directive])
+    assert "<script>" not in page.text and "<style" not in page.text and " style=" not in page.text
+    assert not re.search(r" on[a-z]+=", page.text)  # no inline event handlers
+    names = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "/static/chat.js" in names and "/static/vendor/purify.min.js" in names
+    for name in names:
+        assert name.startswith("/static/"), name
+        r = requests.get(server.url + name, timeout=5)
+        assert r.status_code == 200 and len(r.content) > 100, name
+        assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", r.text), name
+    assert requests.get(server.url + "/static/../chat_api.py", timeout=5).status_code == 404
+
+
+def test_vendored_libraries_are_pinned_licensed_and_small():
+    vendor = REPO_ROOT / "nanochat" / "static" / "vendor"
+    versions = (vendor / "VERSIONS").read_text().splitlines()
+    assert [line.split()[0] for line in versions] == ["marked", "dompurify", "@highlightjs/cdn-assets"]
+    for name in ("marked", "dompurify", "highlightjs"):
+        assert (vendor / f"LICENSE.{name}").stat().st_size > 500
+    size = sum(p.stat().st_size for p in vendor.iterdir() if p.suffix in (".js", ".css"))
+    assert size < 400_000, f"the vendored libraries are {size:,} bytes; the budget is 400 KB (no KaTeX)"
+    script = (REPO_ROOT / "dev" / "vendor_web.sh").read_text()
+    for line in versions:  # the refresh script pins exactly what is here
+        assert f"={line.split()[1]} " in script, line
 
 
 # -----------------------------------------------------------------------------
@@ -495,3 +592,42 @@ def test_bad_flags_and_a_taken_port_are_rejected(chat_base_dir):
         taken.listen()
         r = run("-p", str(taken.getsockname()[1]))
     assert r.returncode != 0 and "cannot listen on 127.0.0.1" in r.stderr and "worker 0" not in r.stderr, r.stderr
+
+
+def test_listens_on_this_machine_only_unless_asked(chat_base_dir, tmp_path):
+    """The default host is 127.0.0.1; --host 0.0.0.0 listens everywhere, prints the URLs that reach
+    it (loopback first, then this machine's addresses) and one warning line."""
+    from scripts.chat_web import parse_args
+    assert parse_args([]).host == "127.0.0.1"
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(chat_base_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "wide.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device_type", "cpu", "--host", "0.0.0.0",
+                                 "-p", "0"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not (match := re.search(r"serving sft model on (http://127\.0\.0\.1:(\d+))(.*)\n(.*)\n", log_path.read_text())):
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        url, port, others, warning = match.groups()
+        assert warning.startswith("chat_web: warning: listening on every interface") and "no authentication" in warning
+        addresses = re.findall(r"and http://([0-9.]+):(\d+)", others)
+        assert all(p == port for _, p in addresses)
+        assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
+        for address, _ in addresses[:3]:  # reachable as printed
+            assert requests.get(f"http://{address}:{port}/health", timeout=30).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_page_and_its_files_ship_in_the_package():
+    """pyproject's package-data globs cover every file the page serves, so an installed (not only
+    an editable) package serves the page."""
+    import tomllib
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["nanochat"]
+    package = REPO_ROOT / "nanochat"
+    shipped = {p for g in globs for p in package.glob(g) if p.is_file()}
+    needed = {package / "ui.html"} | {p for p in (package / "static").rglob("*") if p.is_file()}
+    assert needed - shipped == set(), sorted(str(p) for p in needed - shipped)
