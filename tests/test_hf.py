@@ -215,3 +215,50 @@ def test_import_refuses_what_it_cannot_map_exactly(chat_hf_dir, tmp_path, base_d
     RustBPETokenizer.train_from_iterator(["abc abd abe " * 50], 300).save(str(other / "tokenizer"))
     result = run(other, "scripts.hf_import", str(chat_hf_dir))
     assert result.returncode == 1 and "holds another tokenizer" in result.stderr and "NANOCHAT_BASE_DIR" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning with the HF Trainer
+
+
+def test_finetune_labels_are_our_mask_and_the_loss_is_our_sft_loss(chat_hf_dir, chat_base_dir):  # noqa: F811
+    pytest.importorskip("accelerate", reason="the [hf] extra is not installed: pip install -e '.[hf]'")
+    from nanochat.checkpoint_manager import load_model
+    from scripts.hf_finetune import IGNORE, build_examples, make_collator
+    os.environ["NANOCHAT_BASE_DIR"] = str(chat_base_dir)  # restored by the autouse base_dir fixture
+    model, tokenizer, _ = load_model("sft", "cpu", "eval")
+    conversations = sample_conversations(3) + [hf_convert.SAMPLE_CONVERSATION]
+    examples = build_examples(conversations, tokenizer, max_seq_len=2048)
+    for conversation, example in zip(conversations, examples):
+        ids, mask = tokenizer.render_conversation(conversation)
+        assert example["input_ids"] == ids
+        assert example["labels"] == [i if m else IGNORE for i, m in zip(ids, mask)]
+    batch = make_collator(tokenizer.encode_special("<|assistant_end|>"))(examples)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(chat_hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_loss = hf_model(**batch).loss
+        # ours, as chat_sft builds it: inputs ids[:-1], targets ids[1:] where the mask is 1, else -1
+        targets = batch["labels"][:, 1:].masked_fill(batch["labels"][:, 1:] == IGNORE, -1)
+        our_loss = model(batch["input_ids"][:, :-1], targets)
+    assert torch.allclose(hf_loss, our_loss, rtol=1e-5), (hf_loss, our_loss)
+
+
+def test_finetune_five_steps_on_cpu_then_import(chat_hf_dir, tmp_path, base_dir):
+    pytest.importorskip("accelerate", reason="the [hf] extra is not installed: pip install -e '.[hf]'")
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(c["messages"]) + "\n" for c in sample_conversations(4)))
+    out = tmp_path / "tuned"
+    result = run(base_dir, "scripts.hf_finetune", "--hf_dir", str(chat_hf_dir), "--data", str(data),
+                 "--out_dir", str(out), "--max_steps", "5", "--batch_size", "4", "--lr", "3e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [float(x) for x in result.stdout.split("losses:")[1].split("\n")[0].split()]
+    assert len(losses) == 5 and losses[-1] < losses[0], losses
+    # the imported checkpoint is exactly the saved HF model, and chat_cli runs on it
+    from safetensors.torch import load_file
+    hf_weights = load_file(out / "model.safetensors")
+    ours = torch.load(base_dir / "chatsft_checkpoints" / "hf_finetune" / "model_000005.pt", weights_only=True)
+    assert torch.equal(ours["transformer.h.1.mlp.c_fc.weight"], hf_weights["model.layers.1.mlp.fc1.weight"])
+    assert torch.equal(ours["lm_head.weight"], hf_weights["lm_head.weight"])
+    cli = run(base_dir, "scripts.chat_cli", "-p", "hi", "-t", "0", "-m", "8", "--model_tag", "hf_finetune",
+              "--device_type", "cpu")
+    assert cli.returncode == 0, cli.stderr
