@@ -109,14 +109,19 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, bf16=cuda, use_cpu=not cuda, remove_unused_columns=False, deepspeed=args.deepspeed,
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=examples,
-                                   data_collator=make_collator(hf_tokenizer.pad_token_id),
-                                   processing_class=hf_tokenizer)
+                                   data_collator=make_collator(hf_tokenizer.pad_token_id))
+    # (no processing_class: the Trainer would copy the tokenizer's pad id into the model config,
+    # and NanoChatModel makes that row of the embedding a padding_idx, frozen in later fine-tuning)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trainer.save_model(args.out_dir)  # every rank (ZeRO-3 gathers here); rank 0 writes safetensors + configs
+    if torch.distributed.is_initialized():  # what follows is rank 0's alone (save_checkpoint has barriers)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not trainer.is_world_process_zero():
         return
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print("losses: " + " ".join(f"{loss:.4f}" for loss in losses))
-    trainer.save_model(args.out_dir)  # safetensors, config.json, generation_config.json, tokenizer files
+    hf_tokenizer.save_pretrained(args.out_dir)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     with open(os.path.join(args.out_dir, EXPORT_META_FILE), "w") as f:
         json.dump({"step": args.max_steps, "source": {"finetuned_from": os.path.abspath(args.hf_dir),
                                                       "data": os.path.abspath(args.data)}}, f, indent=2)

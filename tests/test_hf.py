@@ -31,10 +31,10 @@ from nanochat.engine import Engine  # noqa: E402
 CHAT_SAMPLE = REPO_ROOT / "dev" / "cpu_sample" / "chat" / "self_instruct_seed_tasks.messages.jsonl"
 
 
-def run(base_dir: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+def run(base_dir: Path, module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def sample_conversations(n: int = 40) -> list[dict]:
@@ -243,15 +243,32 @@ def test_finetune_labels_are_our_mask_and_the_loss_is_our_sft_loss(chat_hf_dir, 
     assert torch.allclose(hf_loss, our_loss, rtol=1e-5), (hf_loss, our_loss)
 
 
-def test_finetune_five_steps_on_cpu_then_import(chat_hf_dir, tmp_path, base_dir):
-    pytest.importorskip("accelerate", reason="the [hf] extra is not installed: pip install -e '.[hf]'")
-    data = tmp_path / "mine.jsonl"
+def finetune(base_dir: Path, hf_dir: Path, out: Path, launcher: tuple = (), extra: tuple = (),
+             batch_size: int = 4) -> list[float]:
+    """5 steps of scripts.hf_finetune on 4 sample conversations (the whole set each step); the losses."""
+    data = out.parent / "mine.jsonl"
     data.write_text("".join(json.dumps(c["messages"]) + "\n" for c in sample_conversations(4)))
-    out = tmp_path / "tuned"
-    result = run(base_dir, "scripts.hf_finetune", "--hf_dir", str(chat_hf_dir), "--data", str(data),
-                 "--out_dir", str(out), "--max_steps", "5", "--batch_size", "4", "--lr", "3e-3")
+    flags = ["--hf_dir", str(hf_dir), "--data", str(data), "--out_dir", str(out), "--max_steps", "5",
+             "--batch_size", str(batch_size), "--lr", "3e-3", *extra]
+    if launcher:  # torchrun: the module and its flags follow the launcher's own
+        # (DeepSpeed JIT-compiles a C++ shared-memory op on first use: minutes on 2 cores, then cached)
+        result = run(base_dir, "torch.distributed.run", *launcher, "-m", "scripts.hf_finetune", *flags, timeout=1200)
+    else:
+        result = run(base_dir, "scripts.hf_finetune", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [float(x) for x in result.stdout.split("losses:")[1].split("\n")[0].split()]
+    return [float(x) for x in result.stdout.split("losses:")[1].split("\n")[0].split()]
+
+
+@pytest.fixture(scope="module")
+def finetuned_losses(chat_hf_dir, tmp_path_factory):
+    pytest.importorskip("accelerate", reason="the [hf] extra is not installed: pip install -e '.[hf]'")
+    base = tmp_path_factory.mktemp("finetune_base")
+    out = tmp_path_factory.mktemp("finetune") / "tuned"
+    return finetune(base, chat_hf_dir, out), base, out
+
+
+def test_finetune_five_steps_on_cpu_then_import(finetuned_losses):
+    losses, base_dir, out = finetuned_losses
     assert len(losses) == 5 and losses[-1] < losses[0], losses
     # the imported checkpoint is exactly the saved HF model, and chat_cli runs on it
     from safetensors.torch import load_file
@@ -262,3 +279,20 @@ def test_finetune_five_steps_on_cpu_then_import(chat_hf_dir, tmp_path, base_dir)
     cli = run(base_dir, "scripts.chat_cli", "-p", "hi", "-t", "0", "-m", "8", "--model_tag", "hf_finetune",
               "--device_type", "cpu")
     assert cli.returncode == 0, cli.stderr
+
+
+@pytest.mark.slow
+def test_finetune_with_deepspeed_zero2_on_two_cpu_ranks_matches_one_process(finetuned_losses, chat_hf_dir, tmp_path):
+    """DeepSpeed ZeRO-2 (dev/deepspeed_zero2.json) under torchrun, 2 CPU ranks over gloo, 2 conversations
+    each: the same global batch as the single process of batch 4, so the same losses."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed); "
+                                            "the ZeRO-2 path is then untested")
+    single, _, single_out = finetuned_losses
+    out = tmp_path / "tuned_ds"
+    losses = finetune(tmp_path / "base", chat_hf_dir, out, launcher=("--standalone", "--nproc_per_node=2"),
+                      extra=("--deepspeed", str(REPO_ROOT / "dev" / "deepspeed_zero2.json")), batch_size=2)
+    assert losses == pytest.approx(single, abs=2e-3), (losses, single)
+    from safetensors.torch import load_file
+    ds, one = load_file(out / "model.safetensors"), load_file(single_out / "model.safetensors")
+    for name in one:
+        assert torch.allclose(ds[name], one[name], atol=1e-4), name
