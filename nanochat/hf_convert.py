@@ -264,6 +264,12 @@ def export_hf(model, tokenizer: RustBPETokenizer, meta: dict, out_dir: str, dtyp
                                    model_max_length=config.sequence_len)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
+    # transformers 5 writes its new class name "TokenizersBackend"; the old name loads the same
+    # tokenizer in 5 and also in 4.x (and in tools pinned to it)
+    tokenizer_config_path = os.path.join(out_dir, "tokenizer_config.json")
+    tokenizer_config = {**_read_json(tokenizer_config_path), "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(tokenizer_config_path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
     info = {"model_config": {k: getattr(config, k) for k in GPTConfig.__dataclass_fields__},
             "step": meta.get("step", 0), "source": source or {}, "dtype": str(dtype).removeprefix("torch.")}
     with open(os.path.join(out_dir, EXPORT_META_FILE), "w") as f:
@@ -398,7 +404,7 @@ def verify_export(model, tokenizer: RustBPETokenizer, hf_dir: str, atol: float =
         raise HFFormatError(f"{hf_dir}: the chat template renders {theirs[:12]}... but nanochat renders {ours[:12]}...")
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     hf_model.eval()
-    exported_dtype = next(iter(_read_json(os.path.join(hf_dir, "config.json")).get("dtype", "float32").split()))
+    exported_dtype = _read_json(os.path.join(hf_dir, "config.json")).get("dtype", "float32")
     reference = model
     if exported_dtype != "float32":  # compare with the weights that were written
         reference = copy.deepcopy(model)

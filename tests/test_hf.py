@@ -27,6 +27,7 @@ pytest.importorskip("safetensors", reason="the [hf] extra is not installed: pip 
 
 from nanochat import hf_convert  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
+from nanochat.tokenizer import SPECIAL_TOKENS  # noqa: E402
 
 CHAT_SAMPLE = REPO_ROOT / "dev" / "cpu_sample" / "chat" / "self_instruct_seed_tasks.messages.jsonl"
 
@@ -91,7 +92,7 @@ def test_tokenizer_json_encodes_and_decodes_like_ours(tiny_tokenizer, tmp_path):
         ids = tiny_tokenizer.encode(text)
         assert hf.encode(text, add_special_tokens=False).ids == ids, text
         assert hf.decode(ids) == tiny_tokenizer.decode(ids)
-    for i, name in enumerate(tiny_tokenizer.get_special_tokens() and hf_convert.SPECIAL_TOKENS):
+    for i, name in enumerate(SPECIAL_TOKENS):
         assert hf.token_to_id(name) == tiny_tokenizer.get_vocab_size() - 9 + i
     # and back: tokenizer.json -> our tokenizer, the same tiktoken ranks and pattern
     back = hf_convert.tokenizer_from_hf(json.loads((tmp_path / "tokenizer.json").read_text()), "tokenizer.json")
@@ -296,3 +297,26 @@ def test_finetune_with_deepspeed_zero2_on_two_cpu_ranks_matches_one_process(fine
     ds, one = load_file(out / "model.safetensors"), load_file(single_out / "model.safetensors")
     for name in one:
         assert torch.allclose(ds[name], one[name], atol=1e-4), name
+
+
+def test_import_a_directory_that_transformers_wrote_itself(tiny_tokenizer, tmp_path, base_dir):
+    """As the published weights were made: NanoChatForCausalLM.save_pretrained in bf16, with
+    transformers' default rms_norm_eps (1e-6) and pad id. Imported, our GPT computes its logits up to
+    that eps (noted on import) and the bf16 rounding is kept exactly."""
+    kwargs = {**hf_convert.hf_config_kwargs(tiny_gqa_model(512).config, tiny_tokenizer), "rms_norm_eps": 1e-6,
+              "pad_token_id": 1}
+    torch.manual_seed(0)
+    hf_model = transformers.NanoChatForCausalLM(transformers.NanoChatConfig(**kwargs)).to(torch.bfloat16)
+    hf_dir = tmp_path / "from_transformers"
+    hf_model.save_pretrained(hf_dir)
+    hf_convert.hf_tokenizer(tiny_tokenizer).save(str(hf_dir / "tokenizer.json"))
+    result = run(base_dir, "scripts.hf_import", str(hf_dir), "--source", "base")
+    assert result.returncode == 0, result.stderr
+    assert "rms_norm_eps 1e-06" in result.stdout and "step 0" in result.stdout
+    from nanochat.checkpoint_manager import load_model
+    model, _, _ = load_model("base", "cpu", "eval", model_tag="d2")
+    assert torch.equal(model.lm_head.weight, hf_model.lm_head.weight.float())
+    idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(idx) - hf_model.float()(idx).logits).abs().max().item()
+    assert diff <= 1e-3, diff
