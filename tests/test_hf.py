@@ -204,8 +204,12 @@ def test_import_refuses_what_it_cannot_map_exactly(chat_hf_dir, tmp_path, base_d
              ({"model_type": "llama"}, "not 'nanochat'")]
     for change, message in cases:
         (bad / "config.json").write_text(json.dumps({**config, **change}))
-        result = run(tmp_path / "b", "scripts.hf_import", str(bad))
-        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        with pytest.raises(hf_convert.HFFormatError, match=message) as error:
+            hf_convert.read_hf_dir(str(bad))
+        assert str(error.value).startswith(str(bad / "config.json"))  # names the file
+    result = run(tmp_path / "b", "scripts.hf_import", str(bad))  # the script: that one line, exit 1
+    assert result.returncode == 1 and "not 'nanochat'" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     result = run(tmp_path / "c", "scripts.hf_import", str(tmp_path / "missing"))
     assert result.returncode == 1 and "is not a directory" in result.stderr
     # the very tokenizer already in the base dir: fine; another one: refused, the fix named
@@ -320,3 +324,18 @@ def test_import_a_directory_that_transformers_wrote_itself(tiny_tokenizer, tmp_p
     with torch.no_grad():
         diff = (model(idx) - hf_model.float()(idx).logits).abs().max().item()
     assert diff <= 1e-3, diff
+
+
+def test_scripts_without_the_hf_extra_say_how_to_install_it(tmp_path, base_dir):
+    blocker = tmp_path / "no_hf"
+    blocker.mkdir()
+    for name in ("transformers", "safetensors"):  # importing either fails, as in a venv without [hf]
+        (blocker / f"{name}.py").write_text(f"raise ModuleNotFoundError('blocked', name={name!r})\n")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONPATH": str(blocker)}
+    for module, args in [("scripts.hf_export", ["-i", "sft", "-o", str(tmp_path / "x")]),
+                         ("scripts.hf_import", [str(tmp_path)]),
+                         ("scripts.hf_finetune", ["--hf_dir", "a", "--data", "b", "--out_dir", "c"])]:
+        result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "pip install -e '.[hf]'" in result.stderr, (module, result.stderr)
+        assert "Traceback" not in result.stderr
