@@ -24,6 +24,7 @@ Needs the optional dependencies: pip install -e '.[hf]'.
 """
 
 import argparse
+import os
 import sys
 
 parser = argparse.ArgumentParser(description="Export a nanochat checkpoint to the Hugging Face format.")
@@ -43,7 +44,8 @@ except ImportError as e:
 
 import torch  # noqa: E402
 
-from nanochat.checkpoint_manager import load_model  # noqa: E402
+from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model  # noqa: E402
+from nanochat.common import get_base_dir  # noqa: E402
 from nanochat.hf_convert import export_hf, verify_export  # noqa: E402
 
 try:
@@ -51,9 +53,10 @@ try:
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"hf_export: {e}")
 dtype = getattr(torch, args.dtype)
-source = {"source": args.source, "model_tag": args.model_tag, "step": meta["step"]}
+model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
+source = {"source": args.source, "model_tag": model_tag, "step": meta["step"]}
 export_hf(model, tokenizer, meta, args.out_dir, dtype, source=source)
-print(f"wrote {args.source} step {meta['step']} ({model.num_params():,} parameters, {args.dtype}) to {args.out_dir}")
+print(f"wrote {args.source} {model_tag} step {meta['step']} ({model.num_params():,} parameters, {args.dtype}) to {args.out_dir}")
 if not args.no_verify:
     report = verify_export(model, tokenizer, args.out_dir)
     print(f"verified with transformers {transformers.__version__}: max |logit difference| "

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         with open(os.path.join(args.hf_dir, "tokenizer.json")) as f:
             tokenizer = tokenizer_from_hf(json.load(f), os.path.join(args.hf_dir, "tokenizer.json"))
         task = CustomJSON(args.data)
+    except FileNotFoundError as e:  # CustomJSON's own message for --data, the bare path for --hf_dir
+        sys.exit(f"hf_finetune: {e if e.filename is None else f'{e.filename} does not exist'} (--hf_dir: a "
+                 f"directory written by `python -m scripts.hf_export`; --data: a JSONL file of conversations)")
     except (OSError, ValueError) as e:  # HFFormatError is a ValueError
         sys.exit(f"hf_finetune: {e}")
     conversations = [task.row_example(i) for i in range(task.num_rows())]

@@ -125,7 +125,8 @@ def test_export_logits_match_with_gqa(gqa_base_dir, tmp_path):
     out = tmp_path / "hf"
     result = run(base_dir, "scripts.hf_export", "-i", "base", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert "step 7" in result.stdout and "verified" in result.stdout
+    assert "base d2 step 7" in result.stdout and "verified" in result.stdout
+    assert json.loads((out / "nanochat_export.json").read_text())["source"] == {"source": "base", "model_tag": "d2", "step": 7}
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf_model).__name__ == "NanoChatForCausalLM"
