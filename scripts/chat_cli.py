@@ -13,9 +13,10 @@ model writes stops that reply (what it wrote so far stays in the conversation); 
 Design choices:
 - The prompt is the whole conversation rendered by the tokenizer (`render_for_completion`) each turn;
   the Engine's KV cache makes that one prefill per turn.
-- Text is printed through nanochat.chat_api.StreamDecoder (an incremental UTF-8 decoder fed with
-  each token's raw bytes, as in chat_web), so a character split over several tokens (emoji, CJK
-  with a small vocabulary) prints once, whole.
+- Text is printed through nanochat.chat_api.ReplyStream (as in chat_web): an incremental UTF-8
+  decoder, so a character split over several tokens (emoji, CJK with a small vocabulary) prints
+  once, whole, and tool use shown as what it is, `[calculator: 6*7 → 42]` (dim on a terminal,
+  plain when piped), never as special tokens. Only the reply's text goes back into the conversation.
 - Each reply uses a fresh random seed, so asking again gives a different sample (at temperature > 0).
 """
 
@@ -49,7 +50,7 @@ if args.max_tokens < 1:
 
 import torch  # noqa: E402  (after argument parsing: --help and flag errors stay instant)
 
-from nanochat.chat_api import StreamDecoder  # noqa: E402
+from nanochat.chat_api import ReplyStream  # noqa: E402
 from nanochat.checkpoint_manager import load_model  # noqa: E402
 from nanochat.common import compute_init  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
@@ -68,20 +69,37 @@ stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_tok
 
 
 def stream_reply(messages: list[dict]):
-    """Yield the text of the assistant's reply to `messages` (ending with a user message) as it is
-    generated, in whole characters."""
+    """Yield ("text", str) in whole characters and ("tool", "[calculator: expr → value]") as the
+    assistant's reply to `messages` (ending with a user message) is generated."""
     tokens = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     if len(tokens) >= context_len:
         raise ValueError(f"the conversation is {len(tokens)} tokens, more than the model reads ({context_len})")
-    decoder = StreamDecoder(tokenizer)  # holds back a character cut short by max_tokens: never printed
+    reply = ReplyStream(tokenizer)  # holds back a character cut short by max_tokens: never printed
+    call = None  # the expression of a tool call whose output has not come yet
     with torch.inference_mode(), compute.autocast():
         for token_column, _ in engine.generate(tokens, num_samples=1, temperature=args.temperature,
                                                top_k=args.top_k or None, seed=secrets.randbelow(2**31),
                                                max_tokens=min(args.max_tokens, context_len - len(tokens))):
             if token_column[0] in stop_ids:
                 break
-            if text := decoder.push(token_column[0]):
-                yield text
+            for kind, value in reply.push(token_column[0]):
+                if kind == "tool_call":
+                    if call is not None:  # a call the calculator could not answer
+                        yield "tool", f"[calculator: {call}]"
+                    call = value
+                elif kind == "tool_output":
+                    yield "tool", f"[calculator: {call} → {value}]" if call is not None else f"[calculator → {value}]"
+                    call = None
+                else:
+                    if call is not None:
+                        yield "tool", f"[calculator: {call}]"
+                        call = None
+                    yield "text", value
+    for kind, value in reply.finish():  # a call or output cut short by max_tokens
+        yield "tool", f"[calculator: {value}]" if kind == "tool_call" else f"[calculator → {value}]"
+
+
+DIM, RESET = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
 
 
 def print_reply(messages: list[dict], prefix: str = "") -> str | None:
@@ -89,9 +107,12 @@ def print_reply(messages: list[dict], prefix: str = "") -> str | None:
     pieces = []
     try:
         print(prefix, end="", flush=True)
-        for text in stream_reply(messages):
-            pieces.append(text)
-            print(text, end="", flush=True)
+        for kind, text in stream_reply(messages):
+            if kind == "text":
+                pieces.append(text)
+                print(text, end="", flush=True)
+            else:
+                print(f"{DIM}{text}{RESET}", end="", flush=True)
     except KeyboardInterrupt:
         print(" [stopped]", end="")
     except ValueError as e:

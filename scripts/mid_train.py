@@ -141,10 +141,10 @@ def mcq_tasks():
         except FileNotFoundError as e:
             if cfg.mcq_data == "auxiliary_train":
                 raise
-            print0("!" * 100)
-            print0(f"WARNING: MMLU auxiliary_train is not available ({e}).\nMidtraining uses the stand-in "
-                   f"multiple-choice data instead: MMLU dev + validation + ARC-Easy/ARC-Challenge train.")
-            print0("!" * 100)
+            why = (str(e).splitlines() or [""])[0][:160]
+            print0(f"note: MMLU auxiliary_train is not available ({why}); the multiple-choice data is the "
+                   f"stand-in, MMLU dev + validation + ARC-Easy/ARC-Challenge train "
+                   f"(--mcq_data=standin chooses it without this note)")
     return ([MMLU("all", "dev"), MMLU("all", "validation"), ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train")],
             "stand-in: MMLU dev+validation, ARC-Easy/Challenge train")
 

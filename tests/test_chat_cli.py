@@ -13,12 +13,15 @@ import time
 from conftest import REPO_ROOT
 from test_chat_web import HI_REPLY, SING_CHUNK, chat_base_dir  # noqa: F401  (chat_base_dir: a fixture)
 
+CALC_SHOWN = "Let me compute. [calculator: 6*7 → 42]The answer is 42."
+
 
 def cli(base_dir, *args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "--device_type", "cpu", *args], cwd=REPO_ROOT,
                             env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1",
                                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            **{"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+                               "text": True, **kwargs})
 
 
 def run_cli(base_dir, *args, stdin=""):
@@ -34,6 +37,32 @@ def test_prompt_mode_prints_only_the_reply_and_exits_0(chat_base_dir):
     code, out, err = run_cli(chat_base_dir, "-p", "sing", "-t", "0", "-m", "6")
     assert code == 0, err
     assert out.endswith("\n") and len(out) > 1 and (SING_CHUNK * 3).startswith(out[:-1])
+
+
+def test_tool_calls_are_shown_readably_never_as_special_tokens(chat_base_dir):
+    code, out, err = run_cli(chat_base_dir, "-p", "calc", "-t", "0")  # piped: plain text
+    assert code == 0, err
+    assert out == CALC_SHOWN + "\n" and "<|" not in out and "\033" not in out
+
+
+def test_tool_calls_are_dim_on_a_terminal(chat_base_dir):
+    import pty
+    leader, follower = pty.openpty()
+    proc = cli(chat_base_dir, "-p", "calc", "-t", "0", stdout=follower)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=120)
+    os.close(leader)
+    text = out.decode()
+    assert "\033[2m[calculator: 6*7 → 42]\033[0m" in text and "<|" not in text
 
 
 def test_interactive_session_through_a_pipe(chat_base_dir):
