@@ -16,6 +16,8 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from nanochat.tokenizer import role_order_error
+
 # -----------------------------------------------------------------------------
 # Limits (as in the reference nanochat's chat_web): each violation is a 400 with a message
 
@@ -195,18 +197,10 @@ def parse_chat_request(body: dict, defaults: dict, openai: bool = False) -> Chat
     if total > MAX_TOTAL_CHARS:
         raise RequestError(f"the conversation is too long: {total:,} > {MAX_TOTAL_CHARS:,} characters in all; "
                            f"start a new conversation", param="messages")
-    if clean[0]["role"] == "system":
-        if len(clean) < 2:
-            raise RequestError("a system message must be followed by a user message", param="messages")
+    if error := role_order_error([m["role"] for m in clean], last="user"):  # the model writes the next reply
+        raise RequestError(error, param="messages")
+    if clean[0]["role"] == "system":  # merged into the first user message, as in training
         clean = [{"role": "user", "content": clean[0]["content"] + "\n\n" + clean[1]["content"]}] + clean[2:]
-    for i, message in enumerate(clean):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RequestError(f"roles must alternate user, assistant, user, ... starting with user; message {i} "
-                               f"is {message['role']!r}", param="messages")
-    if clean[-1]["role"] != "user":
-        raise RequestError("the last message must be from the user (the model writes the next assistant reply)",
-                           param="messages")
     temperature = _number(body, "temperature", TEMPERATURE_RANGE, defaults["temperature"], integer=False)
     top_k = _number(body, "top_k", TOP_K_RANGE, defaults["top_k"], integer=True)
     max_tokens = _number(body, "max_tokens", MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True)

@@ -18,7 +18,7 @@ Design choices:
   here is example i there: `chat_eval -x 100` scores the same 100 items, and a `stop=` view keeps
   the same rows. The view (start/stop/step) applies to the shuffled rows.
 - `TaskMixture` shuffles every (task, index) pair with a fixed seed: listing a task twice makes
-  it seen twice per epoch (oversampling by repetition). `TaskSequence` concatenates in order.
+  it seen twice per epoch (oversampling by repetition).
 - Rows come from local files when a data directory is given (the `data_dir` argument or
   $NANOCHAT_DATA_DIR, laid out like dev/cpu_sample: `arc/ARC-Easy/test.jsonl`, `mmlu/test.jsonl`,
   `gsm8k/train.jsonl`, `humaneval/HumanEval.jsonl.gz`, `chat/*.messages.jsonl`). Otherwise the
@@ -42,6 +42,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from nanochat.common import data_dir_setting, file_lock, get_base_dir
+from nanochat.tokenizer import role_order_error
 from nanochat.download import check_parquet, download_file, fetch_bytes
 
 HF_URL = "https://huggingface.co"
@@ -119,26 +120,6 @@ class TaskMixture(Task):
         return self.tasks[t].get_example(i)
 
 
-class TaskSequence(Task):
-    """All examples of `tasks`, one task after the other."""
-
-    def __init__(self, tasks: list[Task], **view):
-        super().__init__(**view)
-        self.tasks = tasks
-        self.offsets = [0]
-        for task in tasks:
-            self.offsets.append(self.offsets[-1] + task.num_examples())
-
-    def num_rows(self) -> int:
-        return self.offsets[-1]
-
-    def row_example(self, row_index: int) -> dict:
-        for t, task in enumerate(self.tasks):
-            if row_index < self.offsets[t + 1]:
-                return task.get_example(row_index - self.offsets[t])
-        raise IndexError(row_index)
-
-
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
     """The multiple-choice prompt, the reference's text exactly: "Multiple Choice question: " and
     the question, one line `- {choice}={letter}` per option (the letter after the choice, so a small
@@ -178,14 +159,8 @@ def check_messages(messages, where: str) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: message {i} must be an object with a string 'content'")
-    first = 1 if messages[0].get("role") == "system" else 0
-    for i in range(first, len(messages)):
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
-        if messages[i].get("role") != expected:
-            raise ValueError(f"{where}: message {i} has role {messages[i].get('role')!r}, expected {expected!r} "
-                             f"(roles alternate user/assistant, after an optional system message)")
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must be the assistant's")
+    if error := role_order_error([message.get("role") for message in messages], last="assistant"):
+        raise ValueError(f"{where}: {error}")
 
 
 # -----------------------------------------------------------------------------

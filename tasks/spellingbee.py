@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import random
 
-from nanochat.common import download_file, file_lock, get_base_dir
+from nanochat.common import file_lock, get_base_dir
+from nanochat.download import download_file
 from tasks.common import Task, get_data_dir
 from tasks.gsm8k import extract_answer
 
@@ -77,6 +78,15 @@ USER_MSG_TEMPLATES = [
 ]
 
 
+def _check_word_list(path: str) -> None:
+    """Raise unless `path` is a plain-text list of (mostly) ASCII letters, one word per line: never
+    keep an error page or a truncated list."""
+    with open(path, encoding="utf-8") as f:
+        words = [line.strip() for line in f if line.strip()]
+    if len(words) < 10_000 or sum(w.isascii() and w.isalpha() for w in words) < 0.99 * len(words):
+        raise ValueError(f"{len(words)} lines, not a word list of one word per line")
+
+
 def load_words(word_list: str | None = None, data_dir: str | None = None) -> list[str]:
     """The word list (see the module docstring for where it comes from), one word per line."""
     if word_list is None:
@@ -90,7 +100,7 @@ def load_words(word_list: str | None = None, data_dir: str | None = None) -> lis
             word_list = os.path.join(get_base_dir(), "words_alpha.txt")
             with file_lock(word_list + ".lock"):
                 if not os.path.exists(word_list):
-                    download_file(WORD_LIST_URL, word_list)
+                    download_file(WORD_LIST_URL, word_list, max_bytes=16 << 20, validate=_check_word_list)
     with open(word_list, encoding="utf-8") as f:
         words = [line.strip() for line in f if line.strip()]
     if not words:

@@ -19,7 +19,7 @@ import pytest
 
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.arc import ARC
-from tasks.common import Task, TaskMixture, TaskSequence, hf_shuffle_order, render_mc
+from tasks.common import Task, TaskMixture, hf_shuffle_order, render_mc
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, parse_solution
 from tasks.humaneval import HumanEval, extract_fenced, extract_program
@@ -94,11 +94,6 @@ def test_mixture_is_deterministic_complete_and_oversamples():
     strided = TaskMixture([a, Numbers(10, "b", stop=4)], seed=1, start=1, step=2)
     full = TaskMixture([a, Numbers(10, "b", stop=4)], seed=1)
     assert [said(ex) for ex in strided] == [said(full[i]) for i in range(1, len(full), 2)]
-
-
-def test_sequence_concatenates():
-    seq = TaskSequence([Numbers(3, "a"), Numbers(2, "b", start=1), Numbers(2, "c")])
-    assert [said(ex) for ex in seq] == ["a0", "a1", "a2", "b1", "c0", "c1"]
 
 
 def test_render_mc_format():
