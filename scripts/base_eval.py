@@ -22,7 +22,8 @@ import os
 import time
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-from nanochat.common import atomic_write, base_dir_path, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (atomic_write, base_dir_path, compute_cleanup, compute_init, data_dir_setting,
+                             get_base_dir, print0)
 from nanochat.core_eval import BundleError, core_label, evaluate_core, get_eval_bundle_dir, load_bundle, select_tasks
 from nanochat.download import DownloadError
 from nanochat.flags import FlagError, parse_flags, print_flags
@@ -49,14 +50,24 @@ if cfg.device_batch_size < 1:
 
 compute = compute_init(cfg.device_type)
 print_flags(cfg, DEFAULTS)
-try:  # no checkpoint, or a missing, malformed or undownloadable bundle: one line saying what to do
-    model, tokenizer, meta = load_model("base", compute.device, phase="eval", model_tag=cfg.model_tag or None,
-                                        step=cfg.step if cfg.step >= 0 else None)  # before any download
-    bundle_dir = cfg.eval_bundle or get_eval_bundle_dir()
-    labels = [label.strip() for label in cfg.tasks.split(",") if label.strip()] or None
+labels = [label.strip() for label in cfg.tasks.split(",") if label.strip()] or None  # None: every task
+
+
+def bundle_tasks(bundle_dir: str) -> list[dict]:
     tasks, _ = select_tasks(load_bundle(bundle_dir), labels)
     if not tasks:
         raise BundleError(f"{bundle_dir}: no task to score, the data file of every selected task is missing")
+    return tasks
+
+
+try:  # no checkpoint, or a missing, malformed or undownloadable bundle: one line saying what to do
+    bundle_dir = cfg.eval_bundle or data_dir_setting("NANOCHAT_EVAL_BUNDLE")  # a local bundle, if any
+    tasks = bundle_tasks(bundle_dir) if bundle_dir else None  # checked before the model is loaded
+    model, tokenizer, meta = load_model("base", compute.device, phase="eval", model_tag=cfg.model_tag or None,
+                                        step=cfg.step if cfg.step >= 0 else None)
+    if not bundle_dir:  # downloaded only once the model is known to be there
+        bundle_dir = get_eval_bundle_dir()
+        tasks = bundle_tasks(bundle_dir)
 except (BundleError, FileNotFoundError, DownloadError) as e:
     raise SystemExit(f"base_eval: {e}") from None
 model_tag = cfg.model_tag or find_largest_model(os.path.join(base_dir_path(), SOURCES["base"][0]))  # the one loaded

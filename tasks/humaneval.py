@@ -15,7 +15,7 @@ Which program is run (`assembly`):
   replaces the prompt's docstring-only one and passes too.
 chat_eval's `--humaneval-assembly` picks one and its report section records which.
 Either way the tests run apart from the candidate (`check_function`): a checker process runs the
-assembly's setup (the prompt's imports; the whole prompt for "official") + the tests and calls
+trusted prompt + the tests and calls
 `check(candidate)`, the candidate answering through a pipe, so the code under test cannot touch
 the verdict.
 
@@ -69,7 +69,10 @@ def assemble(conversation: dict, completion: str, assembly: str = "reference") -
     """(the candidate module, the setup the checker runs before the tests) for `completion`."""
     if assembly == "reference":
         imports = extract_imports(conversation["messages"][0]["content"])
-        return imports + "\n\n" + extract_program(completion), imports
+        # The checker gets the whole (trusted) prompt: a few tests call a helper the prompt defines
+        # (HumanEval/32 `poly`, /38 and /50 the encoders), which the reference's single program
+        # took from the model's code.
+        return imports + "\n\n" + extract_program(completion), conversation["prompt"]
     if assembly == "official":
         return conversation["prompt"] + extract_fenced(completion), conversation["prompt"]
     raise ValueError(f"HumanEval assembly must be one of {ASSEMBLIES}, got {assembly!r}")

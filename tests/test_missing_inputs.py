@@ -17,8 +17,8 @@ CASES = [  # (arguments, what the error must name, the command it must suggest)
     (["scripts.tok_eval"], "no tokenizer", "scripts.tok_train"),
     (["scripts.base_train", "--device_type=cpu", "--depth=2"], "no tokenizer", "scripts.tok_train"),
     (["scripts.base_loss", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),
-    (["scripts.base_eval", "--device_type=cpu", "--eval_bundle=/nonexistent/bundle"], "base checkpoint",
-     "scripts.base_train"),
+    (["scripts.base_eval", "--device_type=cpu", "--eval_bundle=/nonexistent/bundle"], "core.yaml: missing", None),
+    (["scripts.base_eval", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),  # before any download
     (["scripts.mid_train", "--device_type=cpu"], "base checkpoint", "scripts.base_train"),
     (["scripts.mid_train", "--device_type=cpu", "--resume_from_step=5", "--model_tag=d2"], "step 5", None),
     (["scripts.chat_sft", "--device_type=cpu"], "mid checkpoint", "scripts.mid_train"),

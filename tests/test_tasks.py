@@ -109,8 +109,8 @@ def test_arc_counts_and_format():
     easy, challenge = ARC("ARC-Easy", "test"), ARC("ARC-Challenge", "test")
     assert len(easy) == 400 and len(challenge) == 300
     assert len(ARC("ARC-Easy", "train")) == 400 and len(ARC("ARC-Challenge", "train")) == 300
-    assert easy[399]["messages"][0]["content"].startswith("Historically, how has the compass been used?\n- for navigation=A\n")
-    assert challenge[299]["messages"][0]["content"].startswith("Which of these is a response of cats to external stimuli?")
+    assert file_row(easy, 399)["messages"][0]["content"].startswith("Multiple Choice question: Historically, how has the compass been used?\n- for navigation=A\n")
+    assert file_row(challenge, 299)["messages"][0]["content"].startswith("Multiple Choice question: Which of these is a response of cats to external stimuli?")
     assert easy.eval_type == "categorical"
     ex = file_row(easy, 0)
     user, assistant = ex["messages"]
@@ -142,9 +142,9 @@ def test_mmlu_counts_and_format():
     assert ex["messages"][1]["content"] == "B" and test.evaluate(ex, "B") == 1 and test.evaluate(ex, "C") == 0
     answers = {test[i]["messages"][1]["content"] for i in range(0, len(test), 50)}
     assert answers == {"A", "B", "C", "D"}
-    last = test[569]
+    last = file_row(test, 569)
     assert last["subject"] == "world_religions" and last["messages"][1]["content"] == "C"
-    assert last["messages"][0]["content"].startswith("Who was the first significant anchorite hermit?\n- Pachomius=A\n")
+    assert last["messages"][0]["content"].startswith("Multiple Choice question: Who was the first significant anchorite hermit?\n- Pachomius=A\n")
     assert len({test[i]["subject"] for i in range(len(test))}) == 57  # the sample spans every subject
 
 
@@ -225,8 +225,8 @@ def test_smoltalk_local_stand_in(local_data):
     train, test = SmolTalk("train"), SmolTalk("test")
     assert len(train) + len(test) == 600 + 175 + 252  # dolly_hhrlhf, seed tasks, user-oriented
     assert len(test) == 52 and len(train) == 975  # every 20th conversation is test
-    assert test[0] == {"messages": _jsonl(local_data / "chat/dolly_hhrlhf_small.messages.jsonl")[0]["messages"]}
-    assert train[974] == {"messages": _jsonl(local_data / "chat/self_instruct_user_oriented.messages.jsonl")[-1]["messages"]}
+    assert file_row(test, 0) == {"messages": _jsonl(local_data / "chat/dolly_hhrlhf_small.messages.jsonl")[0]["messages"]}
+    assert file_row(train, 974) == {"messages": _jsonl(local_data / "chat/self_instruct_user_oriented.messages.jsonl")[-1]["messages"]}
     for task in (train, test):
         for i in range(0, len(task), 7):
             messages = task[i]["messages"]
