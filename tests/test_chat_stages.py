@@ -421,6 +421,10 @@ def test_pipeline_mid_sft_rl_eval(chat_base):
         assert all(0.0 <= acc <= 1.0 for acc in accuracies.values())
         assert metrics["ChatCORE"] == pytest.approx(chatcore(accuracies), abs=1e-3)
         assert re.search(rf"^ChatCORE: {metrics['ChatCORE']:.4f}$", out.stdout, re.M)
+        from nanochat.execution import isolation_level  # what the sandbox could use, said in both places
+        assert f"HumanEval sandbox isolation: {isolation_level()}" in out.stdout
+        section = (base / "report" / f"chat-evaluation-{source}.md").read_text()
+        assert f"- HumanEval sandbox isolation: {isolation_level()}" in section
     # a partial run reports its ChatCORE under a name that says so
     out = run("scripts.chat_eval", "-i", "sft", "-a", "ARC-Easy|GSM8K", "-x", "2", "-m", "8", "--device_type=cpu")
     assert out.returncode == 0, out.stderr[-3000:]
