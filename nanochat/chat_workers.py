@@ -1,15 +1,26 @@
 """
-The chat server's workers: one model replica + Engine per GPU (one on CPU/MPS), the pool that lends
-them to requests, and the server's counters. Used by scripts/chat_web.py.
+The chat server's capacity: its workers (one model replica + Engine per GPU, one on CPU/MPS), the
+pool that lends them to requests, the server's counters, and the guard on its connections. Used by
+scripts/chat_web.py.
 
 A request borrows a worker with `await pool.acquire()` (an asyncio.Queue, so waiting requests queue
 fairly) and the generation thread gives it back with `release` when it ends -- after success, error
-or client disconnect alike -- so a worker can never leak.
+or client disconnect alike -- so a worker can never leak. A request that finds `max_queue` others
+already waiting is turned away (503) instead of queueing without bound.
+
+Connections (uvicorn has no header timeout and no connection cap, so slow clients can hold every
+file descriptor -- "slowloris"): `guarded_protocol` wraps uvicorn's HTTP protocol so that
+- a connection that has not sent a request's headers within `header_timeout` seconds of opening
+  (or of its previous response, on a kept-alive connection) is closed;
+- at most `max_connections` are open: a new one beyond that closes the oldest connection that has
+  no request in progress (a slow or idle one), so a slow flood cannot lock out a real client; only
+  when every connection is busy with a request is the new one closed.
 """
 
 import asyncio
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 logger = logging.getLogger("nanochat.chat_web")
@@ -25,14 +36,19 @@ class Worker:
 class WorkerPool:
     """Requests borrow a worker with `await acquire()`; the generation thread gives it back."""
 
-    def __init__(self, workers: list[Worker]):
-        self.workers = workers
+    def __init__(self, workers: list[Worker], max_queue: int = 256):
+        self.workers, self.max_queue = workers, max_queue
         self.queue: asyncio.Queue = asyncio.Queue()
         for worker in workers:
             self.queue.put_nowait(worker)
         self.waiting = 0
 
-    async def acquire(self) -> Worker:
+    @property
+    def full(self) -> bool:
+        """No free worker and max_queue requests already waiting for one: answer 503."""
+        return self.queue.empty() and self.waiting >= self.max_queue
+
+    async def acquire(self) -> Worker:  # cancellable: a cancelled wait takes no worker
         self.waiting += 1
         try:
             return await self.queue.get()
@@ -54,6 +70,7 @@ class Stats:
     requests_cancelled: int = 0  # the client went away mid-reply
     requests_failed: int = 0  # generation raised
     requests_rejected: int = 0  # 4xx answers
+    requests_busy: int = 0  # 503: the queue was full
     in_flight: int = 0
     tokens_generated: int = 0
 
@@ -91,3 +108,87 @@ def load_workers(args) -> tuple[list[Worker], object, dict]:
         workers.append(Worker(i, device, engine, compute.autocast))
         logger.info(f"worker {i}: {args.source} model (step {meta['step']}) on {device}")
     return workers, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# Connections: a header timeout and a cap that sheds the idle first
+
+
+def guarded_protocol(max_connections: int, header_timeout: float) -> type:
+    """uvicorn's HTTP protocol class (h11 or httptools, whichever uvicorn picks) with the two rules
+    in the module docstring. Pass it as uvicorn.Config(http=...)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    idle: dict = {}  # connections with no request in progress, oldest first (a dict as an ordered set)
+
+    class GuardedProtocol(AutoHTTPProtocol):
+        header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.update()
+            if len(self.connections) > max_connections:  # shed the oldest idle one (maybe this one)
+                oldest = next(iter(idle))  # this connection is idle, so there is one
+                oldest.transport.close()
+                oldest.forget()
+
+        def data_received(self, data: bytes):
+            super().data_received(data)
+            self.update()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.update()
+
+        def connection_lost(self, exc):
+            self.forget()
+            super().connection_lost(exc)
+
+        def update(self):  # busy from a request's headers to the end of its response; else idle
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if busy or self.transport.is_closing():
+                self.forget()
+            elif self not in idle:
+                idle[self] = None
+                self.header_timer = self.loop.call_later(header_timeout, self.too_slow)
+
+        def forget(self):
+            idle.pop(self, None)
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def too_slow(self):
+            self.header_timer = None
+            if self in idle:
+                logger.info(f"closing a connection that sent no request within {header_timeout:g}s")
+                self.transport.close()
+                self.forget()
+
+    return GuardedProtocol
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's open-file limit towards `wanted` (up to the hard limit); returns it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def reachable_urls(host: str, port: int) -> list[str]:
+    """The URLs a browser can use: the host itself, or for a wildcard (0.0.0.0, ::) loopback first
+    and then every address of this machine's interfaces."""
+    if host not in ("0.0.0.0", "::", ""):
+        return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"]
+    import psutil
+    urls = [f"http://127.0.0.1:{port}"]
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                urls.append(f"http://{address.address}:{port}")
+            elif host == "::" and address.family == socket.AF_INET6 and not address.address.startswith(("fe80", "::1")):
+                urls.append(f"http://[{address.address}]:{port}")
+    return urls
