@@ -12,11 +12,14 @@ Design choices:
 - A temperature below GREEDY_BELOW (but above 0) is treated as 0, greedy decoding: sampling at such a
   temperature already picks the top token except for near-ties, and a temperature of 1e-38 or less
   would divide fp32 logits to inf (a NaN softmax). The engine itself is left as it is.
+- An optional API key (RequireApiKey) guards every route but /health and the page with its files.
 - A POST body must say it is JSON (Content-Type: application/json): anything else is a 415, so a
   browser form or a stray `curl -d` on another site cannot drive the API.
 """
 
+import asyncio
 import codecs
+import hmac
 import json
 import secrets
 from dataclasses import dataclass
@@ -48,6 +51,44 @@ def check_json_content_type(content_type: str | None) -> None:
     if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
         raise RequestError(f"the body must be JSON, sent with 'Content-Type: application/json' "
                            f"(got {json.dumps(content_type or 'no Content-Type')[:80]})", status=415)
+
+
+async def read_body(request, timeout: float) -> bytes:
+    """A starlette Request's body: declared JSON (else 415), at most MAX_BODY_BYTES (else 413), and
+    all in within `timeout` seconds (else 408: a body trickled in byte by byte holds no worker)."""
+    check_json_content_type(request.headers.get("content-type"))
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+    except TimeoutError:
+        raise RequestError(f"the body did not arrive within {timeout:g}s", status=408) from None
+    return bytes(raw)
+
+
+class RequireApiKey:
+    """ASGI middleware: while get_key() returns a key, every route but /health, the page (/) and its
+    files (/static/...) needs `Authorization: Bearer <key>`, else reject(path, message, headers)
+    answers (a 401). hmac.compare_digest takes the same time wherever a guess differs from the key."""
+
+    def __init__(self, app, get_key, reject):
+        self.app, self.get_key, self.reject = app, get_key, reject
+
+    async def __call__(self, scope, receive, send):
+        key, path = self.get_key(), scope.get("path", "")
+        if scope["type"] == "http" and key and not (path in ("/", "/health") or path.startswith("/static/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + key.encode()):
+                message = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
+                response = self.reject(path, message, {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 # -----------------------------------------------------------------------------

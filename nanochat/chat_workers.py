@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 logger = logging.getLogger("nanochat.chat_web")
@@ -73,6 +74,69 @@ class Stats:
     requests_busy: int = 0  # 503: the queue was full
     in_flight: int = 0
     tokens_generated: int = 0
+
+
+# -----------------------------------------------------------------------------
+# One request's generation, and watching its client
+
+
+def run_generation(worker: Worker, tokenizer, stop_ids: set, chat, tokens: list[int], stop, put,
+                   t_request: float, request_id: str) -> tuple[tuple, str, int]:
+    """In a request's own thread: decode the reply to `tokens` on `worker`, handing each ReplyStream
+    event to put(event) as it comes, and stopping at the next token once `stop` (a threading.Event)
+    is set. Returns (the last event, finish reason, tokens generated); the last event is ("end",
+    finish, stats) or ("error", message) -- the exception's first line; the traceback is logged."""
+    import torch
+    from nanochat.chat_api import ReplyStream
+    reply, n, finish, t_first, text = ReplyStream(tokenizer), 0, "length", None, []
+    try:
+        with torch.inference_mode(), worker.autocast():
+            for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
+                                                          temperature=chat.temperature,
+                                                          top_k=chat.top_k or None, seed=chat.seed):
+                if stop.is_set():
+                    finish = "cancelled"
+                    break
+                t_first = t_first or time.time()
+                token = token_column[0]
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                n += 1
+                for event in reply.push(token):
+                    text.append(event[1] if event[0] == "text" else f"[{event[0]}: {event[1]}]")
+                    put(event)
+        for event in reply.finish():
+            put(event)
+    except Exception as e:
+        logger.exception(f"[{request_id}] generation failed")
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        return ("error", f"generation failed ({type(e).__name__}: {detail}); the server log has the details"), "error", n
+    t_end = time.time()
+    speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else None
+    numbers = {"tokens": n, "prompt_tokens": len(tokens), "ttft_s": round(t_first - t_request, 4) if t_first else None,
+               "tokens_per_s": round(speed, 2) if speed else None}
+    logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {t_end - t_request:.2f}s "
+                f"({numbers['tokens_per_s']} tok/s); assistant: {''.join(text)[:500]!r}")
+    return ("end", finish, numbers), finish, n
+
+
+async def until_disconnected(request) -> None:  # a starlette Request
+    """Returns when the client has gone away. (Reading also lets uvicorn notice a closed socket.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(awaitable, disconnected: asyncio.Task):
+    """The awaitable's result, or None (the awaitable cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when we are cancelled: an orphaned acquire() would take a worker for ever
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
 
 
 def load_workers(args) -> tuple[list[Worker], object, dict]:

@@ -21,32 +21,26 @@ Design choices:
 - A worker pool: one model replica + Engine per GPU (one worker on CPU/MPS). A request waits for a
   free worker (an asyncio.Queue) and the worker goes back into the queue when its generation thread
   ends -- after success, error or client disconnect alike -- so a worker can never leak.
-- Generation runs in a thread per request, off the event loop, so streams interleave and the server
-  answers /health while generating. The thread checks a stop flag at every token: a client that goes
-  away frees its worker at the next token.
+- Generation runs in a thread per request, off the event loop, so streams interleave and /health
+  answers while generating. Each request watches its connection while queued and generating,
+  streaming or not: a client that goes away leaves the queue, or stops at the next token.
 - No special token is ever sent as text: tokens go through nanochat.chat_api.ReplyStream, which
   sends whole UTF-8 characters and turns the calculator's <|python_start|>...<|output_end|> into
   tool events (the native stream sends them; the OpenAI endpoint leaves them out of `content`).
-- Bodies are validated by hand in nanochat/chat_api.py, not by pydantic: every bad request is a
-  400 whose JSON says what is wrong and how to fix it; never a 422 or a 500. A body not sent as
-  JSON is a 415; one that does not arrive within --body_timeout seconds a 408.
-- Every accepted request is answered. The response starts only once the first event is known, so a
-  full queue is a 503 with Retry-After, and a generation that fails before its first token is a
-  500 with a JSON error on every endpoint; a failure later in a stream is an {"error": ...} event.
-- A client that goes away stops its generation at the next token, or leaves the queue, streaming or
-  not: each request watches its connection while it waits and while it generates.
-- Slow clients cannot starve the server: a header timeout and a connection cap that closes idle
-  connections first (nanochat/chat_workers.py, guarded_protocol), a body timeout, a queue limit.
-- Nothing is loaded from another host: no /docs or /redoc (FastAPI's load Swagger from a CDN), no
-  OpenAPI schema (these routes read raw bodies, so it would say nothing).
-- --api_key (or NANOCHAT_API_KEY): every route but /health, the page and its files needs
-  `Authorization: Bearer <key>` (compared in constant time), else a 401 with a JSON error.
+- Bodies are validated by hand in nanochat/chat_api.py, not by pydantic: a bad request is a 400
+  whose JSON says what is wrong and how to fix it, never a 422 or 500; a non-JSON body a 415.
+- Every accepted request is answered: the response starts at its first event, so a full queue is a
+  503 with Retry-After and a failure before the first token a 500 with a JSON error; a failure
+  later in a stream is an {"error": ...} event.
+- Slow clients cannot starve the server: header and body timeouts, a queue limit, and a connection
+  cap that closes idle connections first (guarded_protocol in nanochat/chat_workers.py).
+- Nothing comes from another host: no /docs, /redoc (Swagger from a CDN) or OpenAPI schema.
+- --api_key (or NANOCHAT_API_KEY): all but /health and the page need `Authorization: Bearer <key>`.
 - Each request gets a fresh random seed unless it asks for one (`seed`), so "regenerate" differs.
 """
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -64,11 +58,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
-from nanochat.chat_api import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest,
-                               ReplyStream, RequestError, check_json_content_type, parse_chat_request,
-                               parse_json_body)
+from nanochat.chat_api import (MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest, RequestError,
+                               RequireApiKey, parse_chat_request, parse_json_body, read_body)
 from nanochat.chat_workers import (Stats, Worker, WorkerPool, guarded_protocol, load_workers, raise_fd_limit,
-                                   reachable_urls)
+                                   reachable_urls, run_generation, unless_disconnected, until_disconnected)
 
 logger = logging.getLogger("nanochat.chat_web")
 PACKAGE_DIR = os.path.dirname(nanochat.__file__)
@@ -133,6 +126,10 @@ def error_response(request, status: int, message: str, param=None, headers=None,
     return JSONResponse(content, status_code=status, headers=headers)
 
 
+app.add_middleware(RequireApiKey, get_key=lambda: served.api_key if served else None,
+                   reject=lambda path, message, headers: error_response(None, 401, message, headers=headers, path=path))
+
+
 @app.exception_handler(RequestError)
 async def on_request_error(request, exc: RequestError):
     return error_response(request, exc.status, str(exc), exc.param, exc.headers)
@@ -154,43 +151,9 @@ async def on_server_error(request, exc):  # a bug, not a bad request: still JSON
     return error_response(request, 500, f"internal error: {type(exc).__name__}")
 
 
-class RequireApiKey:
-    """ASGI middleware: with an API key set, every route but /health, the page and its files needs
-    `Authorization: Bearer <key>`; compare_digest takes the same time wherever a guess differs."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        key = served.api_key if served else None
-        path = scope.get("path", "")
-        if scope["type"] == "http" and key and not (path in ("/", "/health") or path.startswith("/static/")):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + key.encode()):
-                message = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
-                response = error_response(None, 401, message, headers={"WWW-Authenticate": "Bearer"}, path=path)
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-app.add_middleware(RequireApiKey)
-
-
 async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
-    check_json_content_type(request.headers.get("content-type"))
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-    raw = bytearray()
-    try:
-        async with asyncio.timeout(served.body_timeout):  # a body trickled in byte by byte is cut off
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > MAX_BODY_BYTES:
-                    raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-    except TimeoutError:
-        raise RequestError(f"the body did not arrive within {served.body_timeout:g}s", status=408) from None
-    chat = parse_chat_request(parse_json_body(bytes(raw)), served.defaults, openai=openai)
+    raw = await read_body(request, served.body_timeout)
+    chat = parse_chat_request(parse_json_body(raw), served.defaults, openai=openai)
     messages = chat.messages + [{"role": "assistant", "content": ""}]
     tokens = served.tokenizer.render_for_completion({"messages": messages})
     if len(tokens) >= served.context_len:
@@ -202,23 +165,6 @@ async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, lis
 
 # -----------------------------------------------------------------------------
 # Generation: a thread per request, its events handed to the event loop
-
-
-async def until_disconnected(request: Request) -> None:
-    """Returns when the client has gone away. (Reading also lets uvicorn notice a closed socket.)"""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(awaitable, disconnected: asyncio.Task):
-    """The awaitable's result, or None (the awaitable cancelled) if the client goes away first."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when we are cancelled: an orphaned acquire() would take a worker for ever
-        if not task.done():
-            task.cancel()
-    return task.result() if task.done() and not task.cancelled() else None
 
 
 async def generate(chat: ChatRequest, tokens: list[int], request: Request):
@@ -262,42 +208,10 @@ async def generate(chat: ChatRequest, tokens: list[int], request: Request):
             pass
 
     def run():  # in its own thread
-        import torch
-        reply, n, finish, t_first = ReplyStream(served.tokenizer), 0, "length", None
-        text = []
-        last = ("error", "generation was interrupted")  # the stream's final event
+        last, finish, n = ("error", "generation was interrupted"), "error", 0  # the stream's final event
         try:
-            with torch.inference_mode(), worker.autocast():
-                for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
-                                                              temperature=chat.temperature,
-                                                              top_k=chat.top_k or None, seed=chat.seed):
-                    if stop.is_set():
-                        finish = "cancelled"
-                        break
-                    t_first = t_first or time.time()
-                    token = token_column[0]
-                    if token in served.stop_ids:
-                        finish = "stop"
-                        break
-                    n += 1
-                    for event in reply.push(token):
-                        text.append(event[1] if event[0] == "text" else f"[{event[0]}: {event[1]}]")
-                        put(event)
-            for event in reply.finish():
-                put(event)
-            t_end = time.time()
-            speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else None
-            numbers = {"tokens": n, "prompt_tokens": len(tokens),
-                       "ttft_s": round(t_first - t_request, 4) if t_first else None,
-                       "tokens_per_s": round(speed, 2) if speed else None}
-            logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {t_end - t_request:.2f}s "
-                        f"({numbers['tokens_per_s']} tok/s); assistant: {''.join(text)[:500]!r}")
-            last = ("end", finish, numbers)
-        except Exception as e:  # the message's first line only: the traceback goes to the log
-            finish = "error"
-            logger.exception(f"[{request_id}] generation failed")
-            detail = (str(e).strip().splitlines() or [""])[0][:200]
-            last = ("error", f"generation failed ({type(e).__name__}: {detail}); the server log has the details")
+            last, finish, n = run_generation(worker, served.tokenizer, served.stop_ids, chat, tokens, stop, put,
+                                             t_request, request_id)
         finally:
             def finish_request():  # on the event loop: the worker is free before the client hears "done"
                 stats.in_flight -= 1
@@ -322,8 +236,8 @@ async def generate(chat: ChatRequest, tokens: list[int], request: Request):
             yield event
             if event[0] in ("end", "error"):
                 return
-    finally:
-        stop.set()  # no await here: this also runs when the client's disconnect cancels us
+    finally:  # no await here: this also runs when the client's disconnect cancels us
+        stop.set()
         disconnected.cancel()
 
 
@@ -333,16 +247,13 @@ async def start(chat: ChatRequest, tokens: list[int], request: Request):
     client went away first."""
     events = generate(chat, tokens, request)
     try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        return None
+        first = await anext(events, None)
+        if first is not None and first[0] == "error":
+            raise RequestError(first[1], status=500)
     except BaseException:
         await events.aclose()
         raise
-    if first[0] == "error":
-        await events.aclose()
-        raise RequestError(first[1], status=500)
-    return first, events
+    return None if first is None else (first, events)
 
 
 async def chain(first, events):
@@ -379,6 +290,7 @@ async def get_stats():
             "requests_waiting": pool.waiting, "requests_in_flight": stats.in_flight,
             "requests_served": stats.requests_served, "requests_cancelled": stats.requests_cancelled,
             "requests_failed": stats.requests_failed, "requests_rejected": stats.requests_rejected,
+            "requests_busy": stats.requests_busy,
             "tokens_generated": stats.tokens_generated, "uptime_s": round(time.time() - stats.started, 1),
             "workers": [{"index": w.index, "device": str(w.device)} for w in pool.workers]}
 
@@ -495,17 +407,11 @@ def parse_args(argv=None):
     parser.add_argument("--header_timeout", type=float, default=10, help="seconds to send a request's headers")
     parser.add_argument("--body_timeout", type=float, default=30, help="seconds to send a request's body")
     args = parser.parse_args(argv)
-    for name, value, (lo, hi) in [("temperature", args.temperature, TEMPERATURE_RANGE),
-                                  ("top_k", args.top_k, TOP_K_RANGE),
-                                  ("max_tokens", args.max_tokens, MAX_TOKENS_RANGE)]:
-        if not lo <= value <= hi:
-            parser.error(f"--{name} must be in [{lo}, {hi}], got {value}")
-    for name in ("num_gpus", "max_queue", "max_connections"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("header_timeout", "body_timeout"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be a positive number of seconds, got {getattr(args, name)}")
+    for name, (lo, hi) in [("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE),
+                           ("num_gpus", (1, 1024)), ("max_queue", (1, 10**6)), ("max_connections", (1, 10**6)),
+                           ("header_timeout", (0.1, 3600)), ("body_timeout", (0.1, 3600))]:
+        if not lo <= getattr(args, name) <= hi:
+            parser.error(f"--{name} must be in [{lo}, {hi}], got {getattr(args, name)}")
     return args
 
 
