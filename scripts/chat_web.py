@@ -191,9 +191,8 @@ async def generate(chat: ChatRequest, tokens: list[int], request: Request):
     except BaseException:
         disconnected.cancel()
         raise
-    if worker is None:
+    if worker is None:  # the client went away while queued
         disconnected.cancel()
-        logger.info(f"[{request_id}] the client went away while queued")
         stats.requests_cancelled += 1
         return
     loop = asyncio.get_running_loop()
@@ -290,8 +289,8 @@ async def get_stats():
             "requests_waiting": pool.waiting, "requests_in_flight": stats.in_flight,
             "requests_served": stats.requests_served, "requests_cancelled": stats.requests_cancelled,
             "requests_failed": stats.requests_failed, "requests_rejected": stats.requests_rejected,
-            "requests_busy": stats.requests_busy,
-            "tokens_generated": stats.tokens_generated, "uptime_s": round(time.time() - stats.started, 1),
+            "requests_busy": stats.requests_busy, "tokens_generated": stats.tokens_generated,
+            "uptime_s": round(time.time() - stats.started, 1),
             "workers": [{"index": w.index, "device": str(w.device)} for w in pool.workers]}
 
 
@@ -438,7 +437,7 @@ def main(argv=None):
     if args.host in ("0.0.0.0", "::", "") and not args.api_key:
         print("chat_web: warning: listening on every interface, with no authentication: anyone who can reach "
               "this machine can use the model (--api_key requires a key)", flush=True)
-    # the connection cap stays below the open-file limit, so a flood never takes the last descriptors
+    # the cap stays below the open-file limit: a flood never takes the last descriptors
     max_connections = min(args.max_connections, raise_fd_limit(args.max_connections + 256) - 128)
     logger.info(f"at most {max_connections} connections, {args.max_queue} queued requests; "
                 f"header timeout {args.header_timeout:g}s, body timeout {args.body_timeout:g}s")
