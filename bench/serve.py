@@ -271,27 +271,14 @@ def abandoned_round(n: int) -> dict:
 def slow_round(n: int) -> dict:
     idle_health = statistics.median(timed(health) for _ in range(10))
     idle_reply = statistics.median(timed(one_reply) for _ in range(3))
+    from test_chat_web_limits import slow_clients
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    socks, t0 = [], time.perf_counter()
-    try:
-        for _ in range(n):
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            sock.setblocking(False)
-            sock.connect_ex((host.strip("[]"), int(port)))
-            socks.append(sock)
-        time.sleep(0.5)
-        for sock in socks:
-            try:
-                sock.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            except OSError:  # already closed by the server
-                pass
+    t0 = time.perf_counter()
+    with slow_clients(host.strip("[]"), int(port), n):
         opened = time.perf_counter() - t0
         slow_health = statistics.median(timed(health) for _ in range(10))
         slow_reply = statistics.median(timed(one_reply) for _ in range(3))
         fds = psutil_fds()
-    finally:
-        for sock in socks:
-            sock.close()
     return {"connections": n, "open_s": opened, "server_fds": fds, "idle_health_s": idle_health,
             "health_s": slow_health, "health_ratio": slow_health / idle_health, "idle_reply_s": idle_reply,
             "reply_s": slow_reply, "reply_ratio": slow_reply / idle_reply}

@@ -198,14 +198,15 @@ def test_slow_headers_and_slow_bodies_are_cut_off(server):
 
 
 @contextmanager
-def slow_clients(server, n: int):
-    """n connections that send half a request's headers (slowloris), all open at once."""
+def slow_clients(host: str, port: int, n: int):
+    """n connections that send half a request's headers (slowloris), all open at once. Also used by
+    bench/serve.py."""
     socks = []
     try:
-        for i in range(n):
-            sock = socket.socket()
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             sock.setblocking(False)
-            sock.connect_ex((server.host, server.port))
+            sock.connect_ex((host, port))
             socks.append(sock)
         time.sleep(0.5)
         for sock in socks:
@@ -227,7 +228,7 @@ def test_two_thousand_slow_connections_do_not_stop_health_or_a_reply(server):
     n = min(2_000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 300)
     assert n >= 1_000, "this test needs an open-file limit of at least 1,300"
     process = psutil.Process(server.proc.pid)
-    with slow_clients(server, n):
+    with slow_clients(server.host, server.port, n):
         for _ in range(3):  # the flood is on: the server holds at most its cap, and answers
             t0 = time.time()
             assert requests.get(server.url + "/health", timeout=5).json()["status"] == "ok"
