@@ -340,7 +340,7 @@ print(f"abandoned: {a['requests']} non-streaming requests dropped -> {a['cancell
       f"after {a['freed_s'] * 1000:.0f} ms; the next reply took {a['reply_after_s'] * 1000:.0f} ms vs "
       f"{a['idle_reply_s'] * 1000:.0f} ms idle ({a['ratio']:.2f}x)")
 w = results["slow"]
-print(f"slowloris: {w['connections']} half-sent requests held open ({w['open_s']:.1f}s to open) -> /health "
+print(f"slowloris: {w['connections']} connections opened, each half a request ({w['open_s']:.1f}s) -> /health "
       f"{w['health_s'] * 1000:.1f} ms vs {w['idle_health_s'] * 1000:.1f} ms idle ({w['health_ratio']:.2f}x), a reply "
       f"{w['reply_s'] * 1000:.0f} ms vs {w['idle_reply_s'] * 1000:.0f} ms ({w['reply_ratio']:.2f}x)"
       + (f"; server file descriptors {w['server_fds']}" if w["server_fds"] is not None else ""))
