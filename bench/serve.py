@@ -19,6 +19,13 @@ What it measures:
    each status code; there must be no 5xx, and the server must still answer correctly afterwards.
 3. The server's resident memory (RSS) after a warm-up, after each phase and after a second round of
    clients: it should stay flat.
+4. `--abandoned` non-streaming /v1 requests for long replies, sent on raw sockets that are closed
+   once all are in (one generating, the rest queued): how long until the worker is free again, and
+   the latency of the next request against the same request on an idle server (ratio ~1: nothing
+   of the abandoned work is left).
+5. `--slow` connections that send half a request's headers and stop (slowloris), all open at once:
+   /health's latency and a normal request's latency while they are open, against the idle figures,
+   and how many file descriptors the server holds meanwhile (its connection cap, not the flood).
 The tiny model is the one the tests use (tests/test_chat_web.py: 2 layers, 64 wide, a 512-token
 tokenizer trained here on the CPU sample text); it answers "sing" with a song that never ends, so every
 stream runs to max_tokens.
@@ -27,7 +34,9 @@ stream runs to max_tokens.
 import argparse
 import json
 import random
+import resource
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -54,6 +63,8 @@ parser.add_argument("--malformed", type=int, default=1000, help="malformed reque
 parser.add_argument("--max_tokens", type=int, default=64, help="tokens per streamed reply")
 parser.add_argument("--prompt", default="sing", help="what the clients ask")
 parser.add_argument("--seed", type=int, default=0, help="seed of the malformed-request generator")
+parser.add_argument("--abandoned", type=int, default=50, help="non-streaming requests abandoned by their clients")
+parser.add_argument("--slow", type=int, default=2000, help="slow (slowloris) connections held open at once")
 parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 args = parser.parse_args()
 if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
@@ -212,7 +223,81 @@ def malformed_round(n: int) -> Counter:
 
 
 # -----------------------------------------------------------------------------
+# 4. Abandoned requests and 5. slow connections
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def one_reply() -> None:
+    body = {"messages": [{"role": "user", "content": args.prompt}], "max_tokens": args.max_tokens, "temperature": 0}
+    r = requests.post(url + "/v1/chat/completions", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+
+
+def health() -> None:
+    assert requests.get(url + "/health", timeout=60).status_code == 200
+
+
+def abandoned_round(n: int) -> dict:
+    idle = statistics.median(timed(one_reply) for _ in range(3))
+    before = stats()
+    data = json.dumps({"messages": [{"role": "user", "content": args.prompt}], "max_tokens": 4096}).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=60)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        socks.append(sock)
+    deadline = time.time() + 60
+    while (s := stats())["requests_waiting"] + s["requests_in_flight"] < n and time.time() < deadline:
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    for sock in socks:
+        sock.close()
+    deadline = time.time() + 60
+    while ((s := stats())["workers_available"] < s["workers_total"] or s["requests_waiting"]) and time.time() < deadline:
+        time.sleep(0.02)
+    freed = time.perf_counter() - t0
+    after = timed(one_reply)
+    return {"requests": n, "cancelled": s["requests_cancelled"] - before["requests_cancelled"], "freed_s": freed,
+            "idle_reply_s": idle, "reply_after_s": after, "ratio": after / idle}
+
+
+def slow_round(n: int) -> dict:
+    idle_health = statistics.median(timed(health) for _ in range(10))
+    idle_reply = statistics.median(timed(one_reply) for _ in range(3))
+    from test_chat_web_limits import slow_clients
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    t0 = time.perf_counter()
+    with slow_clients(host.strip("[]"), int(port), n):
+        opened = time.perf_counter() - t0
+        slow_health = statistics.median(timed(health) for _ in range(10))
+        slow_reply = statistics.median(timed(one_reply) for _ in range(3))
+        fds = psutil_fds()
+    return {"connections": n, "open_s": opened, "server_fds": fds, "idle_health_s": idle_health,
+            "health_s": slow_health, "health_ratio": slow_health / idle_health, "idle_reply_s": idle_reply,
+            "reply_s": slow_reply, "reply_ratio": slow_reply / idle_reply}
+
+
+def psutil_fds() -> int | None:
+    if server_proc is None:
+        return None
+    import psutil
+    return psutil.Process(server_proc.pid).num_fds()
+
+
+# -----------------------------------------------------------------------------
 # Run
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the slow connections need descriptors here too
+if soft < args.slow + 500 and (hard == resource.RLIM_INFINITY or hard >= args.slow + 500):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (args.slow + 500, hard))
+args.slow = min(args.slow, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 300)
 
 try:
     results = {}
@@ -229,6 +314,8 @@ try:
     results["answers_after_malformed"] = after["done"] and requests.get(url + "/health", timeout=30).ok
     results["round2"] = concurrent_round(args.clients)
     results["rss_mb_end"] = rss_mb()
+    results["abandoned"] = abandoned_round(args.abandoned)
+    results["slow"] = slow_round(args.slow)
     results["stats"] = stats()
 finally:
     if server_proc is not None:
@@ -248,10 +335,19 @@ print(f"malformed: {args.malformed} requests -> status codes {results['malformed
 if results["rss_mb_start"] is not None:
     print(f"server RSS (MB): start {results['rss_mb_start']:.0f}, after round 1 {results['rss_mb_after_round1']:.0f}, "
           f"after malformed {results['rss_mb_after_malformed']:.0f}, end {results['rss_mb_end']:.0f}")
+a = results["abandoned"]
+print(f"abandoned: {a['requests']} non-streaming requests dropped -> {a['cancelled']} cancelled, the worker free "
+      f"after {a['freed_s'] * 1000:.0f} ms; the next reply took {a['reply_after_s'] * 1000:.0f} ms vs "
+      f"{a['idle_reply_s'] * 1000:.0f} ms idle ({a['ratio']:.2f}x)")
+w = results["slow"]
+print(f"slowloris: {w['connections']} connections opened, each half a request ({w['open_s']:.1f}s) -> /health "
+      f"{w['health_s'] * 1000:.1f} ms vs {w['idle_health_s'] * 1000:.1f} ms idle ({w['health_ratio']:.2f}x), a reply "
+      f"{w['reply_s'] * 1000:.0f} ms vs {w['idle_reply_s'] * 1000:.0f} ms ({w['reply_ratio']:.2f}x)"
+      + (f"; server file descriptors {w['server_fds']}" if w["server_fds"] is not None else ""))
 if args.json:
     Path(args.json).write_text(json.dumps(results, indent=2))
 five_xx = sum(v for k, v in results["malformed_status_codes"].items() if k >= 500)
 ok = (results["round1"]["completed"] == results["round2"]["completed"] == args.clients and five_xx == 0
-      and results["answers_after_malformed"])
+      and results["answers_after_malformed"] and a["cancelled"] == a["requests"] and a["freed_s"] < 2)
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

@@ -9,9 +9,17 @@ Design choices:
   message that says what is wrong and how to fix it; the server answers it as a 400, never a 422
   or a 500.
 - A request's `seed` is optional: without one it gets a fresh random seed, so "regenerate" differs.
+- A temperature below GREEDY_BELOW (but above 0) is treated as 0, greedy decoding: sampling at such a
+  temperature already picks the top token except for near-ties, and a temperature of 1e-38 or less
+  would divide fp32 logits to inf (a NaN softmax). The engine itself is left as it is.
+- An optional API key (RequireApiKey) guards every route but /health and the page with its files.
+- A POST body must say it is JSON (Content-Type: application/json): anything else is a 415, so a
+  browser form or a stray `curl -d` on another site cannot drive the API.
 """
 
+import asyncio
 import codecs
+import hmac
 import json
 import secrets
 from dataclasses import dataclass
@@ -28,14 +36,61 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (0, 200)  # 0 = no top-k: sample from the whole vocabulary
 MAX_TOKENS_RANGE = (1, 4096)
 MAX_BODY_BYTES = 1_000_000  # 32,000 chars, each up to 12 bytes as JSON escapes (surrogate pairs), fit easily
+GREEDY_BELOW = 1e-4  # a temperature in (0, GREEDY_BELOW) decodes greedily, as 0 does
 
 
 class RequestError(ValueError):
-    """A bad request: answered with this status and message."""
+    """A bad request (or a busy or failed server): answered with this status, message and headers."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.headers = status, param, headers
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    """A POST body must be declared JSON: application/json (any parameters) or application/*+json."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        raise RequestError(f"the body must be JSON, sent with 'Content-Type: application/json' "
+                           f"(got {json.dumps(content_type or 'no Content-Type')[:80]})", status=415)
+
+
+async def read_body(request, timeout: float) -> bytes:
+    """A starlette Request's body: declared JSON (else 415), at most MAX_BODY_BYTES (else 413), and
+    all in within `timeout` seconds (else 408: a body trickled in byte by byte holds no worker)."""
+    check_json_content_type(request.headers.get("content-type"))
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+    except TimeoutError:
+        raise RequestError(f"the body did not arrive within {timeout:g}s", status=408) from None
+    return bytes(raw)
+
+
+class RequireApiKey:
+    """ASGI middleware: while get_key() returns a key, every route but /health, the page (/) and its
+    files (/static/...) needs `Authorization: Bearer <key>`, else reject(path, message, headers)
+    answers (a 401). hmac.compare_digest takes the same time wherever a guess differs from the key."""
+
+    def __init__(self, app, get_key, reject):
+        self.app, self.get_key, self.reject = app, get_key, reject
+
+    async def __call__(self, scope, receive, send):
+        key, path = self.get_key(), scope.get("path", "")
+        if scope["type"] == "http" and key and not (path in ("/", "/health") or path.startswith("/static/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + key.encode()):
+                message = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
+                response = self.reject(path, message, {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +257,7 @@ def parse_chat_request(body: dict, defaults: dict, openai: bool = False) -> Chat
     if clean[0]["role"] == "system":  # merged into the first user message, as in training
         clean = [{"role": "user", "content": clean[0]["content"] + "\n\n" + clean[1]["content"]}] + clean[2:]
     temperature = _number(body, "temperature", TEMPERATURE_RANGE, defaults["temperature"], integer=False)
+    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     top_k = _number(body, "top_k", TOP_K_RANGE, defaults["top_k"], integer=True)
     max_tokens = _number(body, "max_tokens", MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True)
     seed = _number(body, "seed", (0, 2**63 - 1), None, integer=True)

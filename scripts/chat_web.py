@@ -5,7 +5,7 @@ Run:
     python -m scripts.chat_web                          # the SFT model on one GPU (or the CPU), port 8000
     python -m scripts.chat_web -n 8                     # 8 GPUs: one model replica per GPU
     python -m scripts.chat_web -i rl -t 0.6 -k 40 -p 8080
-    python -m scripts.chat_web --host 0.0.0.0           # other machines too (no authentication!)
+    python -m scripts.chat_web --host 0.0.0.0 --api_key "$(openssl rand -hex 16)"  # other machines too
 and open http://127.0.0.1:8000 (it listens on this machine only unless --host says otherwise). Endpoints:
     GET  /                     the chat page (nanochat/ui.html; its script, styles, libraries: nanochat/static/)
     POST /chat/completions     {messages, temperature?, top_k?, max_tokens?, seed?} -> Server-Sent Events
@@ -21,14 +21,21 @@ Design choices:
 - A worker pool: one model replica + Engine per GPU (one worker on CPU/MPS). A request waits for a
   free worker (an asyncio.Queue) and the worker goes back into the queue when its generation thread
   ends -- after success, error or client disconnect alike -- so a worker can never leak.
-- Generation runs in a thread per request, off the event loop, so streams interleave and the server
-  answers /health while generating. The thread checks a stop flag at every token: a client that goes
-  away frees its worker at the next token.
+- Generation runs in a thread per request, off the event loop, so streams interleave and /health
+  answers while generating. Each request watches its connection while queued and generating,
+  streaming or not: a client that goes away leaves the queue, or stops at the next token.
 - No special token is ever sent as text: tokens go through nanochat.chat_api.ReplyStream, which
   sends whole UTF-8 characters and turns the calculator's <|python_start|>...<|output_end|> into
   tool events (the native stream sends them; the OpenAI endpoint leaves them out of `content`).
-- Bodies are validated by hand in nanochat/chat_api.py, not by pydantic: every bad request is a
-  400 whose JSON says what is wrong and how to fix it; never a 422 or a 500.
+- Bodies are validated by hand in nanochat/chat_api.py, not by pydantic: a bad request is a 400
+  whose JSON says what is wrong and how to fix it, never a 422 or 500; a non-JSON body a 415.
+- Every accepted request is answered: the response starts at its first event, so a full queue is a
+  503 with Retry-After and a failure before the first token a 500 with a JSON error; a failure
+  later in a stream is an {"error": ...} event.
+- Slow clients cannot starve the server: header and body timeouts, a queue limit, and a connection
+  cap that closes idle connections first (guarded_protocol in nanochat/chat_workers.py).
+- Nothing comes from another host: no /docs, /redoc (Swagger from a CDN) or OpenAPI schema.
+- --api_key (or NANOCHAT_API_KEY): all but /health and the page need `Authorization: Bearer <key>`.
 - Each request gets a fresh random seed unless it asks for one (`seed`), so "regenerate" differs.
 """
 
@@ -46,14 +53,15 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
-from nanochat.chat_api import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest,
-                               ReplyStream, RequestError, parse_chat_request, parse_json_body)
-from nanochat.chat_workers import Stats, Worker, WorkerPool, load_workers
+from nanochat.chat_api import (MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest, RequestError,
+                               RequireApiKey, parse_chat_request, parse_json_body, read_body)
+from nanochat.chat_workers import (Stats, Worker, WorkerPool, guarded_protocol, load_workers, raise_fd_limit,
+                                   reachable_urls, run_generation, unless_disconnected, until_disconnected)
 
 logger = logging.getLogger("nanochat.chat_web")
 PACKAGE_DIR = os.path.dirname(nanochat.__file__)
@@ -74,6 +82,8 @@ class Served:
     stop_ids: set  # <|assistant_end|> and <|bos|> end a reply
     defaults: dict  # temperature, top_k, max_tokens when a request leaves them out
     stats: Stats
+    api_key: str | None = None  # when set, required as `Authorization: Bearer <key>` (see RequireApiKey)
+    body_timeout: float = 30.0  # seconds a client has to send its body, once its headers are in
 
 
 served: Served | None = None
@@ -82,15 +92,15 @@ served: Served | None = None
 def serve(workers: list[Worker], tokenizer, meta: dict, args) -> None:
     global served
     config = meta["model_config"]
-    served = Served(pool=WorkerPool(workers), tokenizer=tokenizer,  # the queue binds to the loop on first use
+    served = Served(pool=WorkerPool(workers, args.max_queue), tokenizer=tokenizer,  # the queue binds on first use
                     model_name=f"nanochat-{args.source}-{args.model_tag}-step{meta['step']}",
                     depth=config["n_layer"], context_len=config["sequence_len"],
                     stop_ids={tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()},
                     defaults={"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
-                    stats=Stats(started=time.time()))
+                    stats=Stats(started=time.time()), api_key=args.api_key or None, body_timeout=args.body_timeout)
 
 
-app = FastAPI(title="nanochat")
+app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)  # no page from a CDN
 app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 # The page runs only its own files: no inline script or style, nothing from another host. (Markdown
@@ -100,24 +110,29 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RETRY_AFTER_S = 2  # a 503's Retry-After: about how long a short reply takes to free a place in the queue
 
 # -----------------------------------------------------------------------------
 # Errors -> JSON, never a 422
 
 
-def error_response(request, status: int, message: str, param=None):
+def error_response(request, status: int, message: str, param=None, headers=None, path=None):
     served.stats.requests_rejected += status < 500
-    if request.url.path.startswith("/v1/"):  # OpenAI's shape, so its client shows the message
-        kind = "invalid_request_error" if status < 500 else "server_error"
+    if (path or request.url.path).startswith("/v1/"):  # OpenAI's shape, so its client shows the message
+        kind = {401: "authentication_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         content = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     else:
         content = {"error": message}
-    return JSONResponse(content, status_code=status)
+    return JSONResponse(content, status_code=status, headers=headers)
+
+
+app.add_middleware(RequireApiKey, get_key=lambda: served.api_key if served else None,
+                   reject=lambda path, message, headers: error_response(None, 401, message, headers=headers, path=path))
 
 
 @app.exception_handler(RequestError)
 async def on_request_error(request, exc: RequestError):
-    return error_response(request, exc.status, str(exc), exc.param)
+    return error_response(request, exc.status, str(exc), exc.param, exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -137,15 +152,8 @@ async def on_server_error(request, exc):  # a bug, not a bad request: still JSON
 
 
 async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise RequestError(f"the body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-    chat = parse_chat_request(parse_json_body(bytes(raw)), served.defaults, openai=openai)
+    raw = await read_body(request, served.body_timeout)
+    chat = parse_chat_request(parse_json_body(raw), served.defaults, openai=openai)
     messages = chat.messages + [{"role": "assistant", "content": ""}]
     tokens = served.tokenizer.render_for_completion({"messages": messages})
     if len(tokens) >= served.context_len:
@@ -159,18 +167,34 @@ async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, lis
 # Generation: a thread per request, its events handed to the event loop
 
 
-async def generate(chat: ChatRequest, tokens: list[int]):
+async def generate(chat: ChatRequest, tokens: list[int], request: Request):
     """Async iterator of ("text", str), ("tool_call", str), ("tool_output", str) events, then
-    ("end", finish_reason, stats) or ("error", message). The worker is returned by the generation
-    thread when it ends, however the request ends. stats: tokens (generated, tool output included),
-    ttft_s (request in to first token out, queueing and prefill included), tokens_per_s (after the
-    first token: the decode speed) and prompt_tokens."""
+    ("end", finish_reason, stats) or ("error", message); it just stops if the client goes away
+    (while queued or generating). Raises RequestError(503) before the first event if the queue is
+    full. The worker is returned by the generation thread when it ends, however the request ends.
+    stats: tokens (generated, tool output included), ttft_s (request in to first token out,
+    queueing and prefill included), tokens_per_s (after the first token: the decode speed) and
+    prompt_tokens."""
     request_id, t_request = secrets.token_hex(4), time.time()
+    stats = served.stats
+    if served.pool.full:
+        stats.requests_busy += 1
+        raise RequestError(f"the server is busy: {served.pool.waiting} requests are waiting for "
+                           f"{len(served.pool.workers)} worker(s); retry shortly", status=503,
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
     logger.info(f"[{request_id}] {len(chat.messages)} message(s), {len(tokens)} prompt tokens, "
                 f"T={chat.temperature} k={chat.top_k} max={chat.max_tokens} seed={chat.seed}; "
                 f"user: {chat.messages[-1]['content'][:500]!r}")
-    stats = served.stats
-    worker = await served.pool.acquire()
+    disconnected = asyncio.ensure_future(until_disconnected(request))
+    try:
+        worker = await unless_disconnected(served.pool.acquire(), disconnected)
+    except BaseException:
+        disconnected.cancel()
+        raise
+    if worker is None:  # the client went away while queued
+        disconnected.cancel()
+        stats.requests_cancelled += 1
+        return
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -183,41 +207,10 @@ async def generate(chat: ChatRequest, tokens: list[int]):
             pass
 
     def run():  # in its own thread
-        import torch
-        reply, n, finish, t_first = ReplyStream(served.tokenizer), 0, "length", None
-        text = []
-        last = ("error", "generation was interrupted")  # the stream's final event
+        last, finish, n = ("error", "generation was interrupted"), "error", 0  # the stream's final event
         try:
-            with torch.inference_mode(), worker.autocast():
-                for token_column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=chat.max_tokens,
-                                                              temperature=chat.temperature,
-                                                              top_k=chat.top_k or None, seed=chat.seed):
-                    if stop.is_set():
-                        finish = "cancelled"
-                        break
-                    t_first = t_first or time.time()
-                    token = token_column[0]
-                    if token in served.stop_ids:
-                        finish = "stop"
-                        break
-                    n += 1
-                    for event in reply.push(token):
-                        text.append(event[1] if event[0] == "text" else f"[{event[0]}: {event[1]}]")
-                        put(event)
-            for event in reply.finish():
-                put(event)
-            t_end = time.time()
-            speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else None
-            numbers = {"tokens": n, "prompt_tokens": len(tokens),
-                       "ttft_s": round(t_first - t_request, 4) if t_first else None,
-                       "tokens_per_s": round(speed, 2) if speed else None}
-            logger.info(f"[{request_id}] worker {worker.index}: {finish}, {n} tokens in {t_end - t_request:.2f}s "
-                        f"({numbers['tokens_per_s']} tok/s); assistant: {''.join(text)[:500]!r}")
-            last = ("end", finish, numbers)
-        except Exception as e:
-            finish = "error"
-            logger.exception(f"[{request_id}] generation failed")
-            last = ("error", f"generation failed: {type(e).__name__}: {e}")
+            last, finish, n = run_generation(worker, served.tokenizer, served.stop_ids, chat, tokens, stop, put,
+                                             t_request, request_id)
         finally:
             def finish_request():  # on the event loop: the worker is free before the client hears "done"
                 stats.in_flight -= 1
@@ -235,12 +228,38 @@ async def generate(chat: ChatRequest, tokens: list[int]):
     threading.Thread(target=run, name=f"generate-{request_id}", daemon=True).start()
     try:
         while True:
-            event = await events.get()
+            event = await unless_disconnected(events.get(), disconnected)
+            if event is None:
+                logger.info(f"[{request_id}] the client went away: stopping")
+                return
             yield event
             if event[0] in ("end", "error"):
                 return
-    finally:
-        stop.set()  # no await here: this also runs when the client's disconnect cancels us
+    finally:  # no await here: this also runs when the client's disconnect cancels us
+        stop.set()
+        disconnected.cancel()
+
+
+async def start(chat: ChatRequest, tokens: list[int], request: Request):
+    """(first event, the rest): the response's status waits for the first event, so a full queue is
+    a 503 and a failure before the first token a 500, not a 200 with an error inside. None if the
+    client went away first."""
+    events = generate(chat, tokens, request)
+    try:
+        first = await anext(events, None)
+        if first is not None and first[0] == "error":
+            raise RequestError(first[1], status=500)
+    except BaseException:
+        await events.aclose()
+        raise
+    return None if first is None else (first, events)
+
+
+async def chain(first, events):
+    async with aclosing(events):
+        yield first
+        async for event in events:
+            yield event
 
 
 def sse(payload: dict) -> str:
@@ -270,7 +289,8 @@ async def get_stats():
             "requests_waiting": pool.waiting, "requests_in_flight": stats.in_flight,
             "requests_served": stats.requests_served, "requests_cancelled": stats.requests_cancelled,
             "requests_failed": stats.requests_failed, "requests_rejected": stats.requests_rejected,
-            "tokens_generated": stats.tokens_generated, "uptime_s": round(time.time() - stats.started, 1),
+            "requests_busy": stats.requests_busy, "tokens_generated": stats.tokens_generated,
+            "uptime_s": round(time.time() - stats.started, 1),
             "workers": [{"index": w.index, "device": str(w.device)} for w in pool.workers]}
 
 
@@ -279,9 +299,11 @@ async def chat_completions(request: Request):
     """The page's stream: {"token": text} ..., {"tool_call": {...}} / {"tool_output": {...}} where the
     model used its calculator, then {"done": true, "finish_reason": ..., "stats": {...}}."""
     chat, tokens = await read_request(request, openai=False)
+    if (started := await start(chat, tokens, request)) is None:
+        return Response(status_code=499)  # nobody is listening
 
     async def stream():
-        async with aclosing(generate(chat, tokens)) as events:
+        async with aclosing(chain(*started)) as events:
             async for event in events:
                 kind = event[0]
                 if kind == "text":
@@ -316,9 +338,11 @@ async def openai_chat_completions(request: Request):
     def usage(n: int) -> dict:
         return {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
 
+    if (started := await start(chat, tokens, request)) is None:
+        return Response(status_code=499)  # nobody is listening
     if not chat.stream:
-        texts = []
-        async with aclosing(generate(chat, tokens)) as events:
+        texts, finish = [], None
+        async with aclosing(chain(*started)) as events:
             async for event in events:
                 if event[0] == "text":
                     texts.append(event[1])
@@ -326,6 +350,8 @@ async def openai_chat_completions(request: Request):
                     return error_response(request, 500, event[1])
                 elif event[0] == "end":
                     finish, n = event[1], event[2]["tokens"]
+        if finish is None:  # the client went away mid-reply
+            return Response(status_code=499)
         message = {"role": "assistant", "content": "".join(texts)}
         return {**head, "object": "chat.completion", "usage": usage(n),
                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
@@ -336,7 +362,7 @@ async def openai_chat_completions(request: Request):
 
     async def stream():
         yield chunk({"role": "assistant", "content": ""})
-        async with aclosing(generate(chat, tokens)) as events:
+        async with aclosing(chain(*started)) as events:
             async for event in events:
                 if event[0] == "text":
                     yield chunk({"content": event[1]})
@@ -372,31 +398,20 @@ def parse_args(argv=None):
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
     parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: capture the decode step as a CUDA graph (compile it off CUDA), 0: eager; default: on for CUDA")
+    parser.add_argument("--api_key", default=os.environ.get("NANOCHAT_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on the API (default: $NANOCHAT_API_KEY, else none)")
+    parser.add_argument("--max_queue", type=int, default=256, help="requests waiting for a worker before a 503")
+    parser.add_argument("--max_connections", type=int, default=1000,
+                        help="open connections at most (idle ones are closed first to make room)")
+    parser.add_argument("--header_timeout", type=float, default=10, help="seconds to send a request's headers")
+    parser.add_argument("--body_timeout", type=float, default=30, help="seconds to send a request's body")
     args = parser.parse_args(argv)
-    for name, value, (lo, hi) in [("temperature", args.temperature, TEMPERATURE_RANGE),
-                                  ("top_k", args.top_k, TOP_K_RANGE),
-                                  ("max_tokens", args.max_tokens, MAX_TOKENS_RANGE)]:
-        if not lo <= value <= hi:
-            parser.error(f"--{name} must be in [{lo}, {hi}], got {value}")
-    if args.num_gpus < 1:
-        parser.error(f"--num_gpus must be at least 1, got {args.num_gpus}")
+    for name, (lo, hi) in [("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE),
+                           ("num_gpus", (1, 1024)), ("max_queue", (1, 10**6)), ("max_connections", (1, 10**6)),
+                           ("header_timeout", (0.1, 3600)), ("body_timeout", (0.1, 3600))]:
+        if not lo <= getattr(args, name) <= hi:
+            parser.error(f"--{name} must be in [{lo}, {hi}], got {getattr(args, name)}")
     return args
-
-
-def reachable_urls(host: str, port: int) -> list[str]:
-    """The URLs a browser can use: the host itself, or for a wildcard (0.0.0.0, ::) loopback first
-    and then every address of this machine's interfaces."""
-    if host not in ("0.0.0.0", "::", ""):
-        return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"]
-    import psutil
-    urls = [f"http://127.0.0.1:{port}"]
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                urls.append(f"http://{address.address}:{port}")
-            elif host == "::" and address.family == socket.AF_INET6 and not address.address.startswith(("fe80", "::1")):
-                urls.append(f"http://[{address.address}]:{port}")
-    return urls
 
 
 def main(argv=None):
@@ -419,10 +434,15 @@ def main(argv=None):
     serve(workers, tokenizer, meta, args)
     urls = reachable_urls(args.host, sock.getsockname()[1])
     print(f"nanochat: serving {args.source} model on {' and '.join(urls)}", flush=True)
-    if args.host in ("0.0.0.0", "::", ""):
+    if args.host in ("0.0.0.0", "::", "") and not args.api_key:
         print("chat_web: warning: listening on every interface, with no authentication: anyone who can reach "
-              "this machine can use the model", flush=True)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)
+              "this machine can use the model (--api_key requires a key)", flush=True)
+    # the cap stays below the open-file limit: a flood never takes the last descriptors
+    max_connections = min(args.max_connections, raise_fd_limit(args.max_connections + 256) - 128)
+    logger.info(f"at most {max_connections} connections, {args.max_queue} queued requests; "
+                f"header timeout {args.header_timeout:g}s, body timeout {args.body_timeout:g}s")
+    protocol = guarded_protocol(max_connections, args.header_timeout)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2, http=protocol, backlog=2048)
     uvicorn.Server(config).run(sockets=[sock])
 
 

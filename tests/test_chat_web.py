@@ -445,14 +445,16 @@ def test_bad_request_is_a_400_with_a_message(server, name):
 def test_openai_endpoint_rejects_with_openai_error_shape(server, name):
     body = BAD_BODIES[name]
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = requests.post(server.url + "/v1/chat/completions", data=data, timeout=30)
+    r = requests.post(server.url + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"},
+                      timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and len(error["message"]) > 10
 
 
 def test_oversized_body_unknown_route_and_wrong_method(server):
-    r = requests.post(server.url + "/chat/completions", data=b"x" * 1_100_000, timeout=30)
+    r = requests.post(server.url + "/chat/completions", data=b"x" * 1_100_000, timeout=30,
+                      headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "larger than" in r.json()["error"]
     r = requests.get(server.url + "/nope", timeout=5)
     assert r.status_code == 404 and r.json()["error"]
