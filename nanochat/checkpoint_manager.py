@@ -83,7 +83,7 @@ def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, 
     if not os.path.exists(meta_path):
         steps = _complete_steps(checkpoint_dir)
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} "
-                                f"(complete steps there: {steps or 'none'})")
+                                f"(complete steps there: {', '.join(map(str, steps)) or 'none'})")
     with open(meta_path) as f:
         meta = json.load(f)
     model_data = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
@@ -109,6 +109,26 @@ def find_last_step(checkpoint_dir: str) -> int:
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
     return steps[-1]
+
+
+def resolve_resume_step(checkpoint_dir: str, requested: int) -> int:
+    """The step a stage resumes from: -1 (not resuming) stays -1; LATEST (-2, from
+    `--resume_from_step=latest`) becomes the newest complete checkpoint; a step must exist. A
+    missing one is a FileNotFoundError naming the steps that do exist."""
+    from nanochat.flags import LATEST
+    if requested == -1:
+        return -1
+    steps = _complete_steps(checkpoint_dir)
+    if requested == LATEST:
+        if not steps:
+            raise FileNotFoundError(f"--resume_from_step=latest: no complete checkpoint in {checkpoint_dir} "
+                                    f"(check --model_tag, or start without --resume_from_step)")
+        return steps[-1]
+    if requested not in steps:
+        raise FileNotFoundError(f"--resume_from_step={requested}: no complete checkpoint of step {requested} in "
+                                f"{checkpoint_dir}; complete steps there: {', '.join(map(str, steps)) or 'none'}"
+                                f"{f' (--resume_from_step=latest takes {steps[-1]})' if steps else ''}")
+    return requested
 
 
 def find_largest_model(checkpoints_dir: str) -> str:
@@ -175,10 +195,12 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
     optimiser shard. Returns (model, tokenizer, meta, optimizer_data, checkpoint_dir, start):
     optimizer_data is None unless resuming; checkpoint_dir is where the stage saves; start =
     {"source", "model_tag", "step"} names the model the stage began from, and the stage keeps it
-    in its checkpoints' meta (as "start_source") so a resumed run still knows."""
+    in its checkpoints' meta (as "start_source") so a resumed run still knows. resume_from_step
+    LATEST (-2) resumes the newest complete checkpoint: meta["step"] says which."""
     checkpoints_root = os.path.join(base_dir_path(), SOURCES[stage][0])
-    if resume_from_step >= 0:
+    if resume_from_step != -1:
         checkpoint_dir = os.path.join(checkpoints_root, model_tag or find_largest_model(checkpoints_root))
+        resume_from_step = resolve_resume_step(checkpoint_dir, resume_from_step)
         print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
         model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, device, phase="train")
         _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True,

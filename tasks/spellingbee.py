@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import random
 
-from nanochat.common import download_file, file_lock, get_base_dir
+from nanochat.common import file_lock, get_base_dir
+from nanochat.download import download_file
 from tasks.common import Task, get_data_dir
 from tasks.gsm8k import extract_answer
 
