@@ -18,6 +18,10 @@ Design choices:
   `init_weights()`, then the saved weights are assigned. Names of a `torch.compile`d model carry
   an `_orig_mod.` prefix: it is removed with `str.removeprefix`. (`lstrip("_orig_mod.")` strips any
   leading characters from that set, not the prefix: it would turn `root.weight` into `t.weight`.)
+- A damaged file (a truncated or empty .pt, a meta that is not JSON or lacks its keys) is a
+  CheckpointError: a SystemExit carrying one line that names the file, what is wrong and which
+  complete step to use instead, so every stage that loads checkpoints ends with that line, exit
+  status 1, no traceback. Loading never writes or deletes anything.
 - Stage directories: base -> base_checkpoints, mid -> mid_checkpoints, sft -> chatsft_checkpoints,
   rl -> chatrl_checkpoints; tags default to the largest `d<depth>` present, steps to the latest.
 """
@@ -43,6 +47,57 @@ SOURCES = {  # source -> (checkpoint directory, the command that produces it)
     "sft": ("chatsft_checkpoints", "python -m scripts.chat_sft"),
     "rl": ("chatrl_checkpoints", "python -m scripts.chat_rl"),
 }
+
+
+class CheckpointError(SystemExit):
+    """A damaged checkpoint file. Like flags.FlagError: the script ends printing the message to
+    stderr with exit status 1, not a traceback."""
+
+
+REQUIRED_META = ("step", "model_config")
+
+
+def _damaged(checkpoint_dir: str, step: int, path: str, what: str) -> CheckpointError:
+    others = [s for s in _complete_steps(checkpoint_dir) if s != step]
+    earlier = [s for s in others if s < step]
+    if earlier:
+        advice = (f"use the previous complete checkpoint, step {earlier[-1]} (--resume_from_step={earlier[-1]} "
+                  f"to resume training, --step={earlier[-1]} to load it), or delete step {step}'s files")
+    elif others:
+        advice = f"use step {others[-1]} instead, or delete step {step}'s files"
+    else:
+        advice = "there is no other complete checkpoint there: re-run the stage that wrote it"
+    return CheckpointError(f"checkpoint file {path} {what}: {advice}")
+
+
+def _load_pt(checkpoint_dir: str, step: int, path: str, device) -> dict:
+    if os.path.getsize(path) == 0:
+        raise _damaged(checkpoint_dir, step, path, "is empty")
+    try:
+        data = torch.load(path, map_location=device)
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError, ImportError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise _damaged(checkpoint_dir, step, path, f"is truncated or damaged ({why})") from None
+    if not isinstance(data, (dict, list)):
+        raise _damaged(checkpoint_dir, step, path, f"holds a {type(data).__name__}, not a state dict")
+    return data
+
+
+def _load_meta(checkpoint_dir: str, step: int, path: str) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise _damaged(checkpoint_dir, step, path, "is empty")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(checkpoint_dir, step, path, f"is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(checkpoint_dir, step, path, f"holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise _damaged(checkpoint_dir, step, path, f"lacks the key(s) {', '.join(missing)}")
+    return meta
 
 
 def _barrier() -> None:
@@ -84,9 +139,11 @@ def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, 
         steps = _complete_steps(checkpoint_dir)
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} "
                                 f"(complete steps there: {', '.join(map(str, steps)) or 'none'})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    model_data = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
+    meta = _load_meta(checkpoint_dir, step, meta_path)
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    if not os.path.exists(model_path):
+        raise _damaged(checkpoint_dir, step, model_path, "is missing (its meta file is there)")
+    model_data = _load_pt(checkpoint_dir, step, model_path, device)
     optimizer_data = None
     if load_optimizer:
         optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
@@ -94,7 +151,7 @@ def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, 
             raise FileNotFoundError(f"{optim_path} is missing: the checkpoint was saved by "
                                     f"{meta.get('world_size', '?')} rank(s) (with optimiser state: "
                                     f"{meta.get('has_optimizer', '?')}); resume with the same number of ranks")
-        optimizer_data = torch.load(optim_path, map_location=device)
+        optimizer_data = _load_pt(checkpoint_dir, step, optim_path, device)
     return model_data, optimizer_data, meta
 
 
@@ -154,7 +211,11 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phas
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     if device.type in ("cpu", "mps"):  # bf16 weights saved on CUDA: compute in fp32 here
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    config = GPTConfig(**meta["model_config"])
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:
+        raise _damaged(checkpoint_dir, step, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"),
+                       f"has a model_config that is not a GPT's ({e})") from None
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

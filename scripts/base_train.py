@@ -41,6 +41,7 @@ from nanochat import optim
 from nanochat.checkpoint_manager import load_checkpoint, resolve_resume_step, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataset import check_shards
 from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
@@ -171,6 +172,7 @@ if resuming:
 train_loader = tokenizing_distributed_data_loader(cfg.device_batch_size, cfg.max_seq_len, "train", device=device,
                                                   resume_state_dict=dataloader_state)
 try:
+    check_shards()  # every train and val shard's footer and `text` column, before step 0
     x, y, x_state = next(train_loader)  # prefetch; x_state = loader position right after (x, y)
 except FileNotFoundError as e:  # no shards: the message says how to download them
     raise SystemExit(f"base_train: {e}") from None
