@@ -54,9 +54,6 @@ class CheckpointError(SystemExit):
     stderr with exit status 1, not a traceback."""
 
 
-REQUIRED_META = ("step", "model_config")
-
-
 def _damaged(checkpoint_dir: str, step: int, path: str, what: str) -> CheckpointError:
     others = [s for s in _complete_steps(checkpoint_dir) if s != step]
     earlier = [s for s in others if s < step]
@@ -83,7 +80,7 @@ def _load_pt(checkpoint_dir: str, step: int, path: str, device) -> dict:
     return data
 
 
-def _load_meta(checkpoint_dir: str, step: int, path: str) -> dict:
+def _load_meta(checkpoint_dir: str, step: int, path: str, required: tuple[str, ...]) -> dict:
     with open(path, "rb") as f:
         raw = f.read()
     if not raw.strip():
@@ -94,7 +91,7 @@ def _load_meta(checkpoint_dir: str, step: int, path: str) -> dict:
         raise _damaged(checkpoint_dir, step, path, f"is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(meta, dict):
         raise _damaged(checkpoint_dir, step, path, f"holds a JSON {type(meta).__name__}, not an object")
-    missing = [k for k in REQUIRED_META if k not in meta]
+    missing = [k for k in required if k not in meta]
     if missing:
         raise _damaged(checkpoint_dir, step, path, f"lacks the key(s) {', '.join(missing)}")
     return meta
@@ -132,14 +129,15 @@ def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, opt
 
 
 def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, load_optimizer: bool = False,
-                    rank: int = 0) -> tuple[dict, dict | None, dict]:
-    """(model state dict, this rank's optimiser state or None, meta dict) of a complete checkpoint."""
+                    rank: int = 0, required: tuple[str, ...] = ("step",)) -> tuple[dict, dict | None, dict]:
+    """(model state dict, this rank's optimiser state or None, meta dict) of a complete checkpoint;
+    the meta must have the keys `required` (a CheckpointError names the missing ones)."""
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(meta_path):
         steps = _complete_steps(checkpoint_dir)
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} "
                                 f"(complete steps there: {', '.join(map(str, steps)) or 'none'})")
-    meta = _load_meta(checkpoint_dir, step, meta_path)
+    meta = _load_meta(checkpoint_dir, step, meta_path, required)
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     if not os.path.exists(model_path):
         raise _damaged(checkpoint_dir, step, model_path, "is missing (its meta file is there)")
@@ -207,7 +205,7 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phas
     from nanochat.tokenizer import get_tokenizer
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval' (got {phase!r})"
     device = torch.device(device)
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required=("step", "model_config"))
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     if device.type in ("cpu", "mps"):  # bf16 weights saved on CUDA: compute in fp32 here
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
@@ -265,7 +263,7 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
         print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
         model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, device, phase="train")
         _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True,
-                                               rank=rank)
+                                               rank=rank, required=("step", "start_source", "loop_state"))
         return model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"]
     model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
                                         step=None if step < 0 else step)

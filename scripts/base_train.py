@@ -122,7 +122,8 @@ resuming = cfg.resume_from_step >= 0
 if resuming:
     print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device,
-                                                       load_optimizer=True, rank=compute.rank)
+                                                       load_optimizer=True, rank=compute.rank,
+                                                       required=("model_config", "dataloader_state", "loop_state"))
     if meta["model_config"] != asdict(model_config):
         raise FlagError(f"the checkpoint's model {meta['model_config']} differs from the flags' "
                         f"{asdict(model_config)}: resume with the flags it was trained with")
