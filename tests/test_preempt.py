@@ -159,6 +159,21 @@ def test_two_ranks_stop_at_the_same_step_when_one_gets_sigterm(pretrain_dir):  #
         assert_identical(torch.load(root / "straight" / name), torch.load(root / "cut" / name))
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(pretrain_dir):  # noqa: F811
+    # what a preempted container does: SIGTERM to torchrun, which passes it to its ranks
+    flags = [*TINY, "--total_batch_size=1024", "--num_iterations=40", "--eval_every=-1"]
+    rc, out, err = interrupt_after_progress([*TORCHRUN, "-m", "scripts.base_train", "--", *flags, "--model_tag=cut"],
+                                            lambda p: p.send_signal(signal.SIGTERM))
+    assert rc == 1  # torchrun reports the signal it got (its SignalException); the ranks exit 0
+    stopped = last_progress_step(out)
+    assert resume_line(out).endswith(f"--model_tag=cut --resume_from_step={stopped}")
+    assert err.count("SIGTERM: saving a checkpoint after this optimiser step") == 2  # both ranks
+    names = sorted(os.listdir(pretrain_dir / "base_checkpoints" / "cut"))
+    assert names == [f"meta_{stopped:06d}.json", f"model_{stopped:06d}.pt", f"optim_{stopped:06d}_rank0.pt",
+                     f"optim_{stopped:06d}_rank1.pt"]
+
+
 def run_torchrun(*flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     return subprocess.run([*TORCHRUN, "-m", "scripts.base_train", "--", *flags], cwd=REPO_ROOT, env=env,
