@@ -18,6 +18,10 @@ Design choices:
   `init_weights()`, then the saved weights are assigned. Names of a `torch.compile`d model carry
   an `_orig_mod.` prefix: it is removed with `str.removeprefix`. (`lstrip("_orig_mod.")` strips any
   leading characters from that set, not the prefix: it would turn `root.weight` into `t.weight`.)
+- A damaged file (a truncated or empty .pt, a meta that is not JSON or lacks its keys) is a
+  CheckpointError: a SystemExit carrying one line that names the file, what is wrong and which
+  complete step to use instead, so every stage that loads checkpoints ends with that line, exit
+  status 1, no traceback. Loading never writes or deletes anything.
 - Stage directories: base -> base_checkpoints, mid -> mid_checkpoints, sft -> chatsft_checkpoints,
   rl -> chatrl_checkpoints; tags default to the largest `d<depth>` present, steps to the latest.
 """
@@ -43,6 +47,54 @@ SOURCES = {  # source -> (checkpoint directory, the command that produces it)
     "sft": ("chatsft_checkpoints", "python -m scripts.chat_sft"),
     "rl": ("chatrl_checkpoints", "python -m scripts.chat_rl"),
 }
+
+
+class CheckpointError(SystemExit):
+    """A damaged checkpoint file. Like flags.FlagError: the script ends printing the message to
+    stderr with exit status 1, not a traceback."""
+
+
+def _damaged(checkpoint_dir: str, step: int, path: str, what: str) -> CheckpointError:
+    others = [s for s in _complete_steps(checkpoint_dir) if s != step]
+    earlier = [s for s in others if s < step]
+    if earlier:
+        advice = (f"use the previous complete checkpoint, step {earlier[-1]} (--resume_from_step={earlier[-1]} "
+                  f"to resume training, --step={earlier[-1]} to load it), or delete step {step}'s files")
+    elif others:
+        advice = f"use step {others[-1]} instead, or delete step {step}'s files"
+    else:
+        advice = "there is no other complete checkpoint there: re-run the stage that wrote it"
+    return CheckpointError(f"checkpoint file {path} {what}: {advice}")
+
+
+def _load_pt(checkpoint_dir: str, step: int, path: str, device) -> dict:
+    if os.path.getsize(path) == 0:
+        raise _damaged(checkpoint_dir, step, path, "is empty")
+    try:
+        data = torch.load(path, map_location=device)
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError, ImportError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise _damaged(checkpoint_dir, step, path, f"is truncated or damaged ({why})") from None
+    if not isinstance(data, (dict, list)):
+        raise _damaged(checkpoint_dir, step, path, f"holds a {type(data).__name__}, not a state dict")
+    return data
+
+
+def _load_meta(checkpoint_dir: str, step: int, path: str, required: tuple[str, ...]) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise _damaged(checkpoint_dir, step, path, "is empty")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(checkpoint_dir, step, path, f"is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(checkpoint_dir, step, path, f"holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise _damaged(checkpoint_dir, step, path, f"lacks the key(s) {', '.join(missing)}")
+    return meta
 
 
 def _barrier() -> None:
@@ -77,16 +129,19 @@ def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, opt
 
 
 def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, load_optimizer: bool = False,
-                    rank: int = 0) -> tuple[dict, dict | None, dict]:
-    """(model state dict, this rank's optimiser state or None, meta dict) of a complete checkpoint."""
+                    rank: int = 0, required: tuple[str, ...] = ("step",)) -> tuple[dict, dict | None, dict]:
+    """(model state dict, this rank's optimiser state or None, meta dict) of a complete checkpoint;
+    the meta must have the keys `required` (a CheckpointError names the missing ones)."""
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(meta_path):
         steps = _complete_steps(checkpoint_dir)
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} "
-                                f"(complete steps there: {steps or 'none'})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    model_data = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
+                                f"(complete steps there: {', '.join(map(str, steps)) or 'none'})")
+    meta = _load_meta(checkpoint_dir, step, meta_path, required)
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    if not os.path.exists(model_path):
+        raise _damaged(checkpoint_dir, step, model_path, "is missing (its meta file is there)")
+    model_data = _load_pt(checkpoint_dir, step, model_path, device)
     optimizer_data = None
     if load_optimizer:
         optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
@@ -94,7 +149,7 @@ def load_checkpoint(checkpoint_dir: str, step: int, device: torch.device | str, 
             raise FileNotFoundError(f"{optim_path} is missing: the checkpoint was saved by "
                                     f"{meta.get('world_size', '?')} rank(s) (with optimiser state: "
                                     f"{meta.get('has_optimizer', '?')}); resume with the same number of ranks")
-        optimizer_data = torch.load(optim_path, map_location=device)
+        optimizer_data = _load_pt(checkpoint_dir, step, optim_path, device)
     return model_data, optimizer_data, meta
 
 
@@ -109,6 +164,26 @@ def find_last_step(checkpoint_dir: str) -> int:
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
     return steps[-1]
+
+
+def resolve_resume_step(checkpoint_dir: str, requested: int) -> int:
+    """The step a stage resumes from: -1 (not resuming) stays -1; LATEST (-2, from
+    `--resume_from_step=latest`) becomes the newest complete checkpoint; a step must exist. A
+    missing one is a FileNotFoundError naming the steps that do exist."""
+    from nanochat.flags import LATEST
+    if requested == -1:
+        return -1
+    steps = _complete_steps(checkpoint_dir)
+    if requested == LATEST:
+        if not steps:
+            raise FileNotFoundError(f"--resume_from_step=latest: no complete checkpoint in {checkpoint_dir} "
+                                    f"(check --model_tag, or start without --resume_from_step)")
+        return steps[-1]
+    if requested not in steps:
+        raise FileNotFoundError(f"--resume_from_step={requested}: no complete checkpoint of step {requested} in "
+                                f"{checkpoint_dir}; complete steps there: {', '.join(map(str, steps)) or 'none'}"
+                                f"{f' (--resume_from_step=latest takes {steps[-1]})' if steps else ''}")
+    return requested
 
 
 def find_largest_model(checkpoints_dir: str) -> str:
@@ -130,11 +205,15 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phas
     from nanochat.tokenizer import get_tokenizer
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval' (got {phase!r})"
     device = torch.device(device)
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required=("step", "model_config"))
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     if device.type in ("cpu", "mps"):  # bf16 weights saved on CUDA: compute in fp32 here
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    config = GPTConfig(**meta["model_config"])
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:
+        raise _damaged(checkpoint_dir, step, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"),
+                       f"has a model_config that is not a GPT's ({e})") from None
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -175,14 +254,16 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
     optimiser shard. Returns (model, tokenizer, meta, optimizer_data, checkpoint_dir, start):
     optimizer_data is None unless resuming; checkpoint_dir is where the stage saves; start =
     {"source", "model_tag", "step"} names the model the stage began from, and the stage keeps it
-    in its checkpoints' meta (as "start_source") so a resumed run still knows."""
+    in its checkpoints' meta (as "start_source") so a resumed run still knows. resume_from_step
+    LATEST (-2) resumes the newest complete checkpoint: meta["step"] says which."""
     checkpoints_root = os.path.join(base_dir_path(), SOURCES[stage][0])
-    if resume_from_step >= 0:
+    if resume_from_step != -1:
         checkpoint_dir = os.path.join(checkpoints_root, model_tag or find_largest_model(checkpoints_root))
+        resume_from_step = resolve_resume_step(checkpoint_dir, resume_from_step)
         print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
         model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, device, phase="train")
         _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True,
-                                               rank=rank)
+                                               rank=rank, required=("step", "start_source", "loop_state"))
         return model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"]
     model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
                                         step=None if step < 0 else step)

@@ -16,6 +16,10 @@ Design choices:
   http.server; a mirror works the same way). $NANOCHAT_DOWNLOAD_BACKOFF (first retry wait),
   $NANOCHAT_DOWNLOAD_MAX_MB and $NANOCHAT_DOWNLOAD_DEADLINE tune the retries and limits.
 - Splits: train = every shard but the last one present, val = the last one.
+- A damaged shard (truncated, random bytes, empty, no `text` column) is a ShardError: a SystemExit
+  with one line naming the file and saying to delete and re-download it. `check_shards` reads
+  every shard's footer before training starts (cheap: no data pages); a row group that fails to
+  decode later is reported the same way.
 - Ranks share the work by striding over row groups: with `start=rank, step=world_size` rank r
   reads row groups r, r+W, r+2W, ... counted across all shards of the split (not per shard), so
   ranks get equal shares even when a shard has fewer row groups than there are ranks.
@@ -124,6 +128,41 @@ def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = No
 # Reading
 
 
+class ShardError(SystemExit):
+    """A damaged pretraining shard: the script ends printing the one-line message, exit status 1."""
+
+
+def _bad_shard(path: str, what: str) -> ShardError:
+    index = os.path.basename(path).removeprefix("shard_").removesuffix(".parquet")
+    how = (f"`python -m nanochat.dataset -n {int(index) + 1}` fetches it again" if index.isdigit()
+           else "replace it")
+    return ShardError(f"pretraining shard {path} {what}: delete it ({how})")
+
+
+def open_shard(path: str):
+    """pq.ParquetFile of a shard (reads its footer), checked to have a `text` column."""
+    import pyarrow.parquet as pq
+    if os.path.getsize(path) == 0:
+        raise _bad_shard(path, "is empty")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a bad footer or magic bytes
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise _bad_shard(path, f"is not a readable parquet file, truncated or damaged ({why})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise _bad_shard(path, f"has no 'text' column (columns: {', '.join(pf.schema_arrow.names) or 'none'})")
+    return pf
+
+
+def check_shards(data_dir: str | None = None) -> int:
+    """Read the footer of every shard (train and val) and check its `text` column, so a damaged
+    one stops the run before step 0 rather than at the first evaluation. Returns the count."""
+    files = split_files("train", data_dir) + split_files("val", data_dir)
+    for path in files:
+        open_shard(path)
+    return len(files)
+
+
 def list_parquet_files(data_dir: str | None = None) -> list[str]:
     """Full paths of the complete shards in data_dir, sorted (temp files are ignored)."""
     data_dir = data_dir or get_data_dir()
@@ -155,14 +194,18 @@ def iter_row_groups(split: str, start: int = 0, step: int = 1, data_dir: str | N
     Row groups are numbered globally across the split's shards; this rank takes those whose number
     n has n % step == start. `resume_from=(shard, row_group)` skips every row group before it
     (only footers are read to do so)."""
-    import pyarrow.parquet as pq
     assert 0 <= start < step, f"need 0 <= start < step (got start={start}, step={step})"
     n = 0  # global row-group number within the split
     for pq_idx, path in enumerate(split_files(split, data_dir)):
-        pf = pq.ParquetFile(path)
+        pf = open_shard(path)
         for rg_idx in range(pf.num_row_groups):
             if n % step == start and (pq_idx, rg_idx) >= tuple(resume_from):
-                yield pq_idx, rg_idx, pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                try:
+                    texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                except Exception as e:  # garbage inside a row group: the footer was fine
+                    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                    raise _bad_shard(path, f"has a row group ({rg_idx}) that does not decode ({why})") from None
+                yield pq_idx, rg_idx, texts
             n += 1
 
 

@@ -11,6 +11,8 @@ Each script declares its defaults once, at the top, as a dict, and calls `parse_
   and a bare `--flag` means true.
 - An unknown flag or a value of the wrong type is an error that names the flag and lists the valid
   ones. `--help` prints every flag with its default and exits.
+- `--resume_from_step=latest` (the training stages) means the newest complete checkpoint; it is
+  stored as LATEST (-2), and nanochat.checkpoint_manager.resolve_resume_step turns it into a step.
 - Under torchrun the flags follow the module: `torchrun ... -m scripts.base_train -- --depth=20`
   (a bare `--` is skipped).
 """
@@ -22,6 +24,7 @@ from types import SimpleNamespace
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
+LATEST = -2  # --resume_from_step=latest
 
 
 class FlagError(SystemExit):
@@ -41,6 +44,8 @@ def _convert(key: str, value: str, default):
                 return False
             raise ValueError
         if kind is int:
+            if key == "resume_from_step" and value == "latest":
+                return LATEST
             try:
                 return int(value)
             except ValueError:

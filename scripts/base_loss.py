@@ -11,6 +11,7 @@ Run:
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataset import check_shards
 from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
 from nanochat.report import get_report
@@ -46,6 +47,10 @@ if cfg.split_tokens < tokens_per_step:
     raise FlagError(f"--split_tokens={cfg.split_tokens} is less than one batch "
                     f"(device_batch_size · sequence_len · world_size = {tokens_per_step})")
 steps = cfg.split_tokens // tokens_per_step
+try:
+    check_shards()  # a damaged train or val shard: one line now, not a traceback halfway
+except FileNotFoundError as e:
+    raise SystemExit(f"base_loss: {e}") from None
 print0(f"base model at step {meta['step']}: {steps} batches of {tokens_per_step:,} tokens per split")
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Run:
         --total_batch_size=4096 --num_iterations=200 --eval_every=50 --eval_tokens=65536 \\
         --core_metric_every=-1 --sample_every=100                   # a laptop CPU
     python -m scripts.base_train --resume_from_step=2000           # continue a saved run exactly
+    python -m scripts.base_train --resume_from_step=latest         # ... from its newest complete checkpoint
 
 The horizon: --num_iterations if > 0, else --target_flops if > 0, else
 --target_param_data_ratio · params tokens (20: Chinchilla). One step is --total_batch_size tokens:
@@ -24,7 +25,9 @@ Every step prints the progress line of nanochat/progress.py (the debiased EMA of
 the LR multiplier, step time, tokens/s over the global batch, MFU (n/a when the device's peak is
 unknown), training time and an ETA). Checkpoints
 (model, per-rank optimiser shards, meta JSON with the dataloader and loop state) go to
-<base>/base_checkpoints/<model_tag>/ every --save_every steps and at the end.
+<base>/base_checkpoints/<model_tag>/ every --save_every steps and at the end. SIGTERM or a first
+Ctrl-C: the step in flight finishes, a checkpoint is saved, the resume command printed, exit 0
+(nanochat/preempt.py); a second Ctrl-C aborts.
 """
 
 import os
@@ -35,12 +38,14 @@ import torch
 import torch.distributed as dist
 
 from nanochat import optim
-from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint, resolve_resume_step, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataset import check_shards
 from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
+from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -109,11 +114,16 @@ model.to_empty(device=device)
 model.init_weights(embedding_dtype=torch.float32 if cfg.fp32_embedding else compute.compute_dtype)
 model_tag = cfg.model_tag or f"d{cfg.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+try:  # --resume_from_step=latest -> the newest complete checkpoint's step
+    cfg.resume_from_step = resolve_resume_step(checkpoint_dir, cfg.resume_from_step)
+except FileNotFoundError as e:
+    raise SystemExit(f"base_train: {e}") from None
 resuming = cfg.resume_from_step >= 0
 if resuming:
     print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device,
-                                                       load_optimizer=True, rank=compute.rank)
+                                                       load_optimizer=True, rank=compute.rank,
+                                                       required=("model_config", "dataloader_state", "loop_state"))
     if meta["model_config"] != asdict(model_config):
         raise FlagError(f"the checkpoint's model {meta['model_config']} differs from the flags' "
                         f"{asdict(model_config)}: resume with the flags it was trained with")
@@ -163,6 +173,7 @@ if resuming:
 train_loader = tokenizing_distributed_data_loader(cfg.device_batch_size, cfg.max_seq_len, "train", device=device,
                                                   resume_state_dict=dataloader_state)
 try:
+    check_shards()  # every train and val shard's footer and `text` column, before step 0
     x, y, x_state = next(train_loader)  # prefetch; x_state = loader position right after (x, y)
 except FileNotFoundError as e:  # no shards: the message says how to download them
     raise SystemExit(f"base_train: {e}") from None
@@ -180,15 +191,16 @@ min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
 progress_line = TrainProgress(compute, num_iterations, num_flops_per_token, first_step=step, state=loop_state)
 val_bpb = loop_state.get("val_bpb")
 core_results = {}
-
+preemption = Preemption("scripts.base_train", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
 
 # -----------------------------------------------------------------------------
 # Training loop: step counts optimiser updates done so far
 
 while True:
     last_step = step == num_iterations
+    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
 
-    if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+    if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
         with compute.autocast():
             val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, name="val bpb")
@@ -198,7 +210,7 @@ while True:
         report.log_history({"step": step, "val_bpb": val_bpb})
         model.train()
 
-    if cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):
+    if not stop and cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):
         from nanochat.core_eval import evaluate_core
         orig_model.eval()
         with compute.autocast():
@@ -207,15 +219,15 @@ while True:
         wandb_run.log({"step": step, "core_metric": core_results["core_metric"]})
         orig_model.train()
 
-    if master and cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
+    if not stop and master and cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
         orig_model.eval()
         print0(f"step {step:05d} | greedy samples:")
         for sample in greedy_samples(orig_model, tokenizer, compute.autocast):
             print0(f"  {sample!r}")
         orig_model.train()
 
-    if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0
-                                                       and step % cfg.save_every == 0)):
+    if step != cfg.resume_from_step and (last_step or stop or (cfg.save_every > 0 and step > 0
+                                                               and step % cfg.save_every == 0)):
         states = [None] * compute.world_size  # every rank's loader position, for an exact resume
         if compute.ddp:
             dist.all_gather_object(states, dataloader_state)
@@ -227,6 +239,8 @@ while True:
                              dataloader_state=states, loop_state=loop_state,
                              device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len),
                         rank=compute.rank)
+    if stop:
+        preemption.exit(step, checkpoint_dir, wandb_run)
 
     if last_step:
         break

@@ -8,6 +8,7 @@ Run:
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl
     python -m scripts.chat_rl --device_type=cpu --num_iterations=4 --examples_per_step=2 \\
         --num_samples=4 --device_batch_size=4 --max_new_tokens=32 --eval_every=2 --eval_examples=8   # CPU
+    python -m scripts.chat_rl --resume_from_step=latest             # after SIGTERM / Ctrl-C (saves, exits 0)
 
 Each step takes examples_per_step GSM8K train problems (spread over the ranks; step s uses problems
 s·examples_per_step ... in order, so a resumed run sees the same problems). For each problem:
@@ -35,6 +36,7 @@ from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
@@ -91,12 +93,14 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the sft checkpoint, or our own when resuming
 
-resuming = cfg.resume_from_step >= 0
+resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
 try:
     model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
         "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
     raise SystemExit(f"chat_rl: {e}") from None
+if resuming:
+    cfg.resume_from_step = meta["step"]  # `latest` resolved
 model_config = meta["model_config"]
 engine = Engine(model, tokenizer, compile_decode=None if cfg.compile_decode < 0 else bool(cfg.compile_decode))
 print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
@@ -161,19 +165,24 @@ loop_state = meta.get("loop_state", {}) if resuming else {}
 passk = loop_state.get("passk", {})
 progress_line = TrainProgress(compute, num_iterations, model.estimate_flops(), first_step=step, state=loop_state,
                               ema_beta=0.0)  # the step's own numbers, as the reference prints them
+preemption = Preemption("scripts.chat_rl", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
 while True:
     last_step = step == num_iterations
+    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
 
-    if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+    if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         passk = evaluate_pass_at_k()
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in passk.items()))
         wandb_run.log({"step": step, **{f"val/{k}": v for k, v in passk.items()}})
 
-    if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+    if step != cfg.resume_from_step and (last_step or stop
+                                         or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
         save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, start_source=start_source,
                              passk=passk, loop_state=dict(passk=passk, **progress_line.state())),
                         rank=compute.rank)
+    if stop:
+        preemption.exit(step, checkpoint_dir, wandb_run)
 
     if last_step:
         break

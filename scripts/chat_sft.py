@@ -9,6 +9,7 @@ Run:
         --target_examples_per_step=8 --num_iterations=50 --eval_every=25 --eval_steps=4 \\
         --eval_metrics_every=-1                                     # a laptop CPU
     python -m scripts.chat_sft --source=base                        # skip midtraining
+    python -m scripts.chat_sft --resume_from_step=latest            # after SIGTERM / Ctrl-C (saves, exits 0)
 
 Data (tasks/), the reference's mixture: ARC-Easy train + ARC-Challenge train + GSM8K train + the
 first 10K SmolTalk train conversations + the identity conversations + 300 SimpleSpelling + 300
@@ -42,6 +43,7 @@ from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, 
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from tasks.arc import ARC
@@ -103,12 +105,14 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the mid (or base) checkpoint, or our own when resuming
 
-resuming = cfg.resume_from_step >= 0
+resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
 try:
     model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
         "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
     raise SystemExit(f"chat_sft: {e}") from None
+if resuming:
+    cfg.resume_from_step = meta["step"]  # `latest` resolved
 if resuming and len(meta["dataloader_state"]) != compute.world_size:
     raise FlagError(f"the checkpoint was saved by {len(meta['dataloader_state'])} rank(s); resume with as many")
 model_config = meta["model_config"]
@@ -201,17 +205,19 @@ progress_line = TrainProgress(compute, num_iterations, model.estimate_flops(), f
 val_loss = loop_state.get("val_loss")
 metrics = loop_state.get("metrics", {})
 metric_tasks = {}
+preemption = Preemption("scripts.chat_sft", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
 while True:
     last_step = step == num_iterations
+    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
 
-    if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+    if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
         val_loss = evaluate_val_loss()
         print0(f"step {step:05d} | val loss {val_loss:.6f}")
         wandb_run.log({"step": step, "val/loss": val_loss})
         model.train()
 
-    if cfg.eval_metrics_every > 0 and (last_step or (step > 0 and step % cfg.eval_metrics_every == 0)):
+    if not stop and cfg.eval_metrics_every > 0 and (last_step or (step > 0 and step % cfg.eval_metrics_every == 0)):
         model.eval()
         with compute.autocast():
             for name in ("MMLU", "ARC-Easy"):
@@ -223,7 +229,8 @@ while True:
         wandb_run.log({"step": step, **{f"val/{name}_acc": acc for name, acc in metrics.items()}})
         model.train()
 
-    if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+    if step != cfg.resume_from_step and (last_step or stop
+                                         or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
         states = [None] * compute.world_size
         if compute.ddp:
             dist.all_gather_object(states, dataloader_state)
@@ -234,6 +241,8 @@ while True:
                              start_source=start_source, dataloader_state=states,
                              loop_state=dict(val_loss=val_loss, metrics=metrics, **progress_line.state())),
                         rank=compute.rank)
+    if stop:
+        preemption.exit(step, checkpoint_dir, wandb_run)
 
     if last_step:
         break

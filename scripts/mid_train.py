@@ -8,6 +8,7 @@ Run:
     python -m scripts.mid_train --device_type=cpu --max_seq_len=256 --device_batch_size=4 \\
         --total_batch_size=4096 --num_iterations=100 --eval_every=50 --eval_tokens=65536   # a laptop CPU
     python -m scripts.mid_train --resume_from_step=400              # continue a run saved with --save_every
+    python -m scripts.mid_train --resume_from_step=latest           # ... or after SIGTERM / Ctrl-C (saves, exits 0)
 
 Data (tasks/), the reference's mixture: SmolTalk train (general chat), multiple-choice questions
 (MMLU auxiliary_train, ~100K), GSM8K train (math with calculator calls), the identity
@@ -46,6 +47,7 @@ from nanochat.common import compute_cleanup, compute_init, get_wandb, print0, us
 from nanochat.dataloader import conversation_batches
 from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -103,12 +105,14 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the base checkpoint (or our own, when resuming)
 
-resuming = cfg.resume_from_step >= 0
+resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
 try:
     model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
         "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
     raise SystemExit(f"mid_train: {e}") from None
+if resuming:
+    cfg.resume_from_step = meta["step"]  # `latest` resolved
 if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len
                  or len(meta["dataloader_state"]) != compute.world_size):
     raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']} on "
@@ -205,10 +209,12 @@ val_bpb = loop_state.get("val_bpb")
 progress_line = TrainProgress(compute, cfg.num_iterations if cfg.num_iterations > 0 else None, num_flops_per_token,
                               first_step=step, state=loop_state)
 
+preemption = Preemption("scripts.mid_train", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
 while True:
     last_step = step == cfg.num_iterations if cfg.num_iterations > 0 else progress >= 1.0
+    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
 
-    if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+    if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
         with compute.autocast():
             val_bpb = evaluate_bpb(model, packed_batches(val_dataset, loop=False), eval_steps, token_bytes,
@@ -218,7 +224,8 @@ while True:
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
 
-    if step != cfg.resume_from_step and (last_step or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+    if step != cfg.resume_from_step and (last_step or stop
+                                         or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
         states = [None] * compute.world_size  # every rank's stream position
         if compute.ddp:
             dist.all_gather_object(states, dataloader_state)
@@ -229,6 +236,8 @@ while True:
                         dict(model_config=model_config, user_config=user_config, val_bpb=val_bpb,
                              start_source=start_source, dataloader_state=states, loop_state=loop_state),
                         rank=compute.rank)
+    if stop:
+        preemption.exit(step, checkpoint_dir, wandb_run)
 
     if last_step:
         break

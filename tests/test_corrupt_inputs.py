@@ -1,0 +1,180 @@
+"""
+Damaged files stop a stage with one line that names the file, says what is wrong and what to do:
+exit status 1, no traceback, nothing on disk changed.
+
+- Checkpoints (nanochat/checkpoint_manager.py, the loader every stage uses): a truncated or empty
+  model_*.pt, a truncated optim_*_rank*.pt, a meta_*.json that is garbage, empty, a JSON list or
+  lacks its keys. In-process for every case; then every stage that loads a checkpoint, as a real
+  subprocess, on a truncated model file.
+- Pretraining shards (nanochat/dataset.py): truncated, random bytes, empty, no `text` column, in
+  the train or the val split, caught by base_train before step 0 and by base_loss; a shard whose
+  footer is intact but whose data pages are garbage is caught when its row group is read.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, copy_pretrain_shards
+from test_chat_stages import mini_data, tiny_gpt  # noqa: F401 (a fixture)
+
+
+def snapshot(root):
+    """{relative path: sha256} of every file under root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+CHECKPOINT_CASES = {  # name -> (file of step 2, how to damage it, what the message says)
+    "model truncated": ("model_000002.pt", truncate, "truncated or damaged"),
+    "model empty": ("model_000002.pt", lambda p: p.write_bytes(b""), "is empty"),
+    "optim truncated": ("optim_000002_rank0.pt", truncate, "truncated or damaged"),
+    "meta garbage": ("meta_000002.json", lambda p: p.write_bytes(os.urandom(200)), "not valid JSON"),
+    "meta empty": ("meta_000002.json", lambda p: p.write_text(""), "is empty"),
+    "meta a list": ("meta_000002.json", lambda p: p.write_text("[1, 2]"), "JSON list"),
+    "meta keyless": ("meta_000002.json", lambda p: p.write_text('{"step": 2}'), "lacks the key(s) model_config"),
+}
+
+
+def save_tiny(checkpoint_dir, vocab_size, steps=(1, 2)):
+    """A tiny GPT saved at `steps` with a small optimiser state: step 2 is the latest."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    model = tiny_gpt(vocab_size)
+    for step in steps:
+        save_checkpoint(str(checkpoint_dir), step, model.state_dict(), [{"state": {0: torch.ones(3)}}],
+                        dict(model_config=asdict(model.config), user_config={"depth": 2}, start_source={
+                            "source": "base", "model_tag": "d2", "step": 0}, dataloader_state=[None], loop_state={}))
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_damaged_checkpoint_file_is_one_clear_error(case, base_dir_with_tokenizer, tiny_tokenizer):
+    from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, load_model
+    ckpt = base_dir_with_tokenizer / "base_checkpoints" / "d2"
+    save_tiny(ckpt, tiny_tokenizer.get_vocab_size())
+    name, damage, what = CHECKPOINT_CASES[case]
+    damage(ckpt / name)
+    before = snapshot(base_dir_with_tokenizer)
+    with pytest.raises(CheckpointError) as info:
+        if name.startswith("optim"):
+            load_checkpoint(str(ckpt), 2, "cpu", load_optimizer=True)
+        else:
+            load_model("base", "cpu", phase="eval")  # the latest step: 2
+    message = str(info.value.code)
+    assert "\n" not in message and str(ckpt / name) in message and what in message, message
+    assert "previous complete checkpoint, step 1" in message, message
+    assert snapshot(base_dir_with_tokenizer) == before  # nothing written, nothing deleted
+    load_checkpoint(str(ckpt), 1, "cpu", load_optimizer=True)  # the step it names does load
+
+
+STAGES = [  # every stage that loads a checkpoint, on the damaged latest one
+    ["scripts.base_train", "--device_type=cpu", "--depth=2", "--model_tag=d2", "--resume_from_step=latest"],
+    ["scripts.base_loss", "--device_type=cpu"],
+    ["scripts.base_eval", "--device_type=cpu", "--eval_bundle=/nonexistent/bundle"],
+    ["scripts.mid_train", "--device_type=cpu"],
+    ["scripts.mid_train", "--device_type=cpu", "--resume_from_step=2"],
+    ["scripts.chat_sft", "--device_type=cpu", "--source=mid"],
+    ["scripts.chat_rl", "--device_type=cpu", "--source=mid"],
+    ["scripts.chat_eval", "-i", "mid", "--device_type=cpu"],
+    ["scripts.chat_cli", "-i", "mid", "-p", "hi", "--device_type=cpu"],
+    ["scripts.chat_web", "-i", "mid", "--device_type=cpu", "--port=0"],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", STAGES, ids=[" ".join(a[:1] + a[-1:]) for a in STAGES])
+def test_every_stage_stops_on_a_truncated_model_with_one_line(argv, base_dir_with_tokenizer, tiny_tokenizer,
+                                                                mini_data):  # noqa: F811
+    base = base_dir_with_tokenizer
+    for stage in ("base_checkpoints", "mid_checkpoints"):
+        save_tiny(base / stage / "d2", tiny_tokenizer.get_vocab_size())
+        truncate(base / stage / "d2" / "model_000002.pt")
+    before = snapshot(base)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_DIR=str(mini_data), OMP_NUM_THREADS="1",
+               WANDB_MODE="disabled")
+    env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "model_000002.pt" in line]
+    assert len(lines) == 1 and "truncated or damaged" in lines[0] and "step 1" in lines[0], out.stderr[-2000:]
+    assert snapshot(base) == before
+
+
+SHARD_CASES = {  # name -> how to damage a shard
+    "truncated": truncate,
+    "random bytes": lambda p: p.write_bytes(os.urandom(4096)),
+    "empty": lambda p: p.write_bytes(b""),
+    "no text column": None,  # written below: a valid parquet file with another column
+}
+
+
+def damage_shard(path, case):
+    if case == "no text column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"content": ["a document"] * 10}), path)
+    else:
+        SHARD_CASES[case](path)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+def test_damaged_shard_is_found_before_training(case, split, base_dir, pretrain_shards):
+    from nanochat.dataset import ShardError, check_shards
+    data = copy_pretrain_shards(pretrain_shards, base_dir)
+    path = data / ("shard_00000.parquet" if split == "train" else "shard_00002.parquet")
+    damage_shard(path, case)
+    with pytest.raises(ShardError) as info:
+        check_shards()
+    message = str(info.value.code)
+    assert "\n" not in message and str(path) in message and "delete it" in message, message
+    assert f"python -m nanochat.dataset -n {1 if split == 'train' else 3}" in message
+    assert path.exists()  # reported, not deleted
+
+
+def test_garbage_inside_a_row_group_is_named_when_read(base_dir, pretrain_shards):
+    from nanochat.dataset import ShardError, iter_row_groups, open_shard
+    data = copy_pretrain_shards(pretrain_shards, base_dir)
+    path = data / "shard_00000.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[100:4100] = os.urandom(4000)  # the first row group's pages; the footer is intact
+    path.write_bytes(bytes(raw))
+    open_shard(str(path))  # the footer check passes: only decoding finds it
+    with pytest.raises(ShardError, match=r"shard_00000\.parquet has a row group \(0\) that does not decode"):
+        for _ in iter_row_groups("train"):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["scripts.base_train", "scripts.base_loss"])
+def test_stage_stops_on_a_damaged_val_shard_before_step_0(module, base_dir_with_tokenizer, pretrain_shards,
+                                                           tiny_tokenizer):
+    base = base_dir_with_tokenizer
+    data = copy_pretrain_shards(pretrain_shards, base)
+    truncate(data / "shard_00002.parquet")  # the val shard: before, only the first evaluation found it
+    if module == "scripts.base_loss":
+        save_tiny(base / "base_checkpoints" / "d2", tiny_tokenizer.get_vocab_size(), steps=(1,))
+    before = snapshot(base)
+    argv = (["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=256",
+             "--num_iterations=2", "--eval_every=-1", "--core_metric_every=-1", "--sample_every=-1"]
+            if module == "scripts.base_train" else ["--device_type=cpu", "--device_batch_size=2",
+                                                    "--split_tokens=256"])
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env.pop("NANOCHAT_PRETRAIN_DIR", None)
+    out = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "shard_00002.parquet is not a readable parquet file" in out.stderr, out.stderr[-2000:]
+    assert "step 00001" not in out.stdout  # stopped before the first step
+    assert snapshot(base) == before
