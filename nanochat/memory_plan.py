@@ -1,0 +1,188 @@
+"""
+The memory planner: before step 0, each training stage estimates its peak device memory per rank,
+prints it, and stops with one clear line (naming the largest --device_batch_size that fits) when
+the estimate exceeds the device's memory; --force=1 runs anyway.
+
+    plan = memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len,
+                             force=cfg.force, batch_divides=...)      # prints; SystemExit if too big
+
+The estimate, per rank, in bytes:
+- parameters and gradients: every parameter in its own dtype, once each (gradients have the
+  parameter's dtype; a run keeps all of them between the backward and optim.step);
+- optimiser state, ZeRO-sharded as nanochat/optim.py does: AdamW's two moments for this rank's
+  ceil(rows/W) rows of each parameter; Muon's momentum for the matrices this rank owns (matrix i
+  of a same-shape group belongs to rank i % W, so ceil(n/W) of them);
+- activations: the bytes autograd saves for backward (torch.autograd.graph.saved_tensors_hooks,
+  parameters excluded, each storage once), counted in real forwards of the model on its device
+  under the run's autocast at a small batch: (1, T0), (2, T0), (1, 2·T0). These give
+  saved(B, T) = c0 + B·(a·T + b·T²): c0 the per-forward constant (autocast's weight copies), a the
+  bytes per token, b any part that grows with T² (none with SDPA's flash kernels; kept so a
+  non-flash attention would show up). Only forwards run: no gradient is touched;
+- the head's transient: at the start of backward the gradient of the (B·T, V) logits exists next
+  to everything saved: two fp32 copies on the plain path (cross-entropy's and log-softmax's),
+  one with the fused loss (nanochat/fused_loss.py). At a large vocabulary this dominates.
+The activations are those of the eager model: torch.compile fuses the head and elementwise ops and
+saves less, so a compiled run's estimate is an upper bound (measured on an H200: see README).
+Not counted: the CUDA context and allocator fragmentation (outside max_memory_allocated anyway),
+the optimiser step's temporaries (Newton-Schulz works on one matrix at a time), the data batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.optim import AdamW, Muon
+
+
+@dataclass
+class Plan:
+    parameters: int
+    gradients: int
+    optimizer: int
+    act_const: int  # saved bytes per forward that do not scale with the batch
+    act_per_token: float  # saved bytes per token, linear part (a)
+    act_per_token_t: float  # saved bytes per token per position (b: the T² part / B·T)
+    head_per_token: int  # the head's transient gradient, bytes per token
+    batch_size: int
+    seq_len: int
+    world_size: int
+
+    def per_sequence(self, seq_len: int | None = None) -> float:
+        """Bytes one more sequence of seq_len tokens adds: activations and the head's transient."""
+        T = seq_len or self.seq_len
+        return T * (self.act_per_token + self.act_per_token_t * T + self.head_per_token)
+
+    def static(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    def activations(self, batch_size: int | None = None) -> float:
+        T, B = self.seq_len, batch_size or self.batch_size
+        return self.act_const + B * T * (self.act_per_token + self.act_per_token_t * T)
+
+    def peak(self, batch_size: int | None = None) -> float:
+        B = batch_size or self.batch_size
+        return self.static() + self.act_const + B * self.per_sequence()
+
+    def largest_batch(self, budget: float, divides: int | None = None) -> int:
+        """The largest device batch whose peak fits in `budget` bytes (0 if even 1 does not), and,
+        when `divides` is given, that divides it (the script's batch arithmetic must come out even)."""
+        best = int((budget - self.static() - self.act_const) // self.per_sequence())
+        best = max(0, min(best, divides or best))
+        while divides and best > 0 and divides % best:
+            best -= 1
+        return best
+
+    def summary(self) -> str:
+        B, T = self.batch_size, self.seq_len
+        return (f"memory plan (per rank, eager): parameters {fmt(self.parameters)}, gradients {fmt(self.gradients)}, "
+                f"optimiser state {fmt(self.optimizer)} (rank's share of {self.world_size}), activations "
+                f"{fmt(self.activations())} ({B} x {T} tokens, {fmt(self.activations() / (B * T))}/token), head "
+                f"transient {fmt(B * T * self.head_per_token)} -> estimated peak {fmt(self.peak())}")
+
+
+def fmt(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def optimizer_state_bytes(optimizers, world_size: int) -> int:
+    """This rank's optimiser state once every parameter has been stepped (ZeRO shards, see optim.py)."""
+    total = 0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            params = group["params"]
+            if isinstance(opt, AdamW):  # exp_avg, exp_avg_sq on ceil(rows/W) rows
+                total += sum(2 * math.ceil(p.size(0) / world_size) * (p.numel() // p.size(0)) * p.element_size()
+                             for p in params)
+            elif isinstance(opt, Muon):  # one momentum buffer per owned matrix (groups have one shape)
+                total += math.ceil(len(params) / world_size) * params[0].numel() * params[0].element_size()
+            else:
+                raise TypeError(f"memory_plan does not know the state of {type(opt).__name__}")
+    return total
+
+
+def saved_bytes(model, batch_size: int, seq_len: int, autocast) -> int:
+    """Bytes autograd saves for backward in one forward (with targets: the loss) of `model` on a
+    (batch_size, seq_len) batch; parameters excluded, each storage counted once."""
+    device = model.lm_head.weight.device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            total += storage.nbytes()
+        return t
+
+    idx = (torch.arange(batch_size * seq_len, device=device) % model.config.vocab_size).view(batch_size, seq_len)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        loss = model(idx, idx.roll(-1, dims=1))
+    del loss  # the graph and everything it saved go with it; no backward, no gradients
+    return total
+
+
+def estimate(model, optimizers, world_size: int, batch_size: int, seq_len: int, autocast,
+             probe_len: int = 64) -> Plan:
+    """The Plan of a run of `model` at (batch_size, seq_len) on world_size ranks (see the docstring)."""
+    T0 = min(probe_len, seq_len)
+    s1, s2, s1_long = (saved_bytes(model, b, t, autocast) for b, t in ((1, T0), (2, T0), (1, 2 * T0)))
+    per_seq = s2 - s1  # one sequence of T0: a·T0 + b·T0²
+    const = max(0, s1 - per_seq)
+    per_seq_long = s1_long - const  # a·2T0 + b·4T0²
+    b = max(0.0, (per_seq_long - 2 * per_seq) / (2 * T0 * T0))
+    a = per_seq / T0 - b * T0
+    n_logit_copies = 1 if getattr(model, "fused_loss", False) else 2
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Plan(parameters=param_bytes, gradients=param_bytes, optimizer=optimizer_state_bytes(optimizers, world_size),
+                act_const=const, act_per_token=a, act_per_token_t=b,
+                head_per_token=n_logit_copies * 4 * model.config.vocab_size,
+                batch_size=batch_size, seq_len=seq_len, world_size=world_size)
+
+
+def device_budget(device: torch.device, already_allocated: int) -> tuple[float, str]:
+    """(bytes the run may use, a description): the GPU's total memory on CUDA; elsewhere the RAM
+    available now plus what the model already holds (its parameters are in the estimate)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name}'s {fmt(props.total_memory)}"
+    import psutil
+    available = psutil.virtual_memory().available + already_allocated
+    return available, f"{fmt(available)} of available RAM"
+
+
+def check(model, optimizers, compute, batch_size: int, seq_len: int, force: bool = False,
+          batch_divides: int | None = None) -> Plan:
+    """Estimate, print (rank 0) and stop before an OOM: the one call each training script makes
+    after building its model and optimisers. `batch_divides`: a number the device batch must
+    divide (so the suggested --device_batch_size keeps the script's batch arithmetic exact)."""
+    was_training = model.training
+    model.train()
+    plan = estimate(model, optimizers, compute.world_size, batch_size, seq_len, compute.autocast)
+    model.train(was_training)
+    budget, what = device_budget(compute.device, plan.parameters)
+    if compute.master_process:
+        print(f"{plan.summary()} of {what}", flush=True)
+    if plan.peak() > budget:
+        fits = plan.largest_batch(budget, batch_divides)
+        advice = (f"the largest --device_batch_size that fits is {fits}" if fits else
+                  "even --device_batch_size=1 does not fit: lower --max_seq_len or the model size")
+        message = (f"memory plan: the estimated peak {fmt(plan.peak())} per rank exceeds {what}; {advice} "
+                   f"(--force=1 runs anyway)")
+        if not force:
+            raise SystemExit(message)
+        if compute.master_process:
+            print(f"{message}: --force=1, running anyway", flush=True)
+    global LAST
+    LAST = plan
+    return plan
+
+
+LAST: Plan | None = None  # the last plan check() made (bench/memory.py reads it after a run)
