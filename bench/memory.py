@@ -8,7 +8,9 @@ Run:
 - CPU: each config is a real `scripts.base_train` run of a few steps in a fresh subprocess. The
   child imports everything base_train imports, notes its RSS (the baseline), runs the script in
   the same process, and reports the peak RSS (getrusage ru_maxrss) minus that baseline next to the
-  planner's estimate (memory_plan.LAST). Needs what base_train needs in the base dir (a tokenizer
+  planner's estimate (memory_plan.LAST). Each config runs twice: with glibc's default malloc
+  (compared with plan.rss(), which adds the freed activations glibc's heap keeps) and with
+  MALLOC_MMAP_THRESHOLD_ pinned, where RSS is the live bytes (compared with plan.peak()). Needs what base_train needs in the base dir (a tokenizer
   and pretraining shards: the CPU preset of speedrun.sh makes both). The configs are fp32 and
   eager (the CPU's), with the fused loss, as base_train runs there.
 - GPU: the planner's estimate for the run measured on one H200 (d20, device_batch_size 32, seq
@@ -25,13 +27,14 @@ import runpy
 import subprocess
 import sys
 
-CONFIGS = [  # base_train flags (each run: 3 steps)
-    ["--depth=4", "--max_seq_len=512", "--device_batch_size=8", "--total_batch_size=4096"],
+CONFIGS = [  # base_train flags (each run: 2 steps: the second backward holds the optimiser state too)
+    ["--depth=4", "--max_seq_len=512", "--device_batch_size=12", "--total_batch_size=6144"],
     ["--depth=6", "--max_seq_len=256", "--device_batch_size=16", "--total_batch_size=4096"],
     ["--depth=8", "--max_seq_len=1024", "--device_batch_size=2", "--total_batch_size=2048"],
 ]
-COMMON = ["--device_type=cpu", "--num_iterations=3", "--eval_every=-1", "--eval_tokens=2048",
+COMMON = ["--device_type=cpu", "--num_iterations=2", "--eval_every=-1", "--eval_tokens=2048",
           "--core_metric_every=-1", "--sample_every=-1"]
+PINNED = 65536  # MALLOC_MMAP_THRESHOLD_: blocks >= 64 kB are mmapped and go back to the OS when freed
 H200 = dict(bf16=75.4e9, fp32=82.8e9)  # measured max_memory_allocated, d20 x 32 x 2048, compiled
 
 
@@ -47,7 +50,7 @@ def child(flags: list[str]) -> None:
     runpy.run_module("scripts.base_train", run_name="__main__")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     plan = memory_plan.LAST
-    print("MEMORY " + json.dumps(dict(estimate=plan.peak(), measured=peak - baseline, static=plan.static(),
+    print("MEMORY " + json.dumps(dict(estimate=plan.peak(), rss_estimate=plan.rss(), measured=peak - baseline, static=plan.static(),
                                       activations=plan.activations(), head=plan.peak() - plan.static() - plan.activations())))
 
 
@@ -79,14 +82,21 @@ def gpu_estimate(fp32_embedding: bool) -> float:
     return plan.peak()
 
 
+def measure(flags: list[str]) -> tuple[dict, dict]:
+    """One config twice: glibc's default malloc, and with its mmap threshold pinned (RSS = live bytes)."""
+    return run_config(flags), run_config(flags, dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(PINNED)))
+
+
 def main() -> None:
     gpu_only = "--gpu_only=1" in sys.argv
     if not gpu_only:
-        print(f"{'config':<70} {'estimate':>10} {'measured':>10} {'est/meas':>9}")
+        print(f"{'base_train config':<66} {'estimate':>9} {'RSS pinned':>10} {'ratio':>6} {'RSS est.':>9} "
+              f"{'RSS':>8} {'ratio':>6}")
         for flags in CONFIGS:
-            r = run_config(flags)
-            print(f"{' '.join(flags):<70} {r['estimate'] / 1e6:>8.0f}MB {r['measured'] / 1e6:>8.0f}MB "
-                  f"{r['estimate'] / r['measured']:>9.2f}", flush=True)
+            default, pinned = measure(flags)
+            print(f"{' '.join(flags):<66} {pinned['estimate'] / 1e6:>7.0f}MB {pinned['measured'] / 1e6:>8.0f}MB "
+                  f"{pinned['estimate'] / pinned['measured']:>6.2f} {default['rss_estimate'] / 1e6:>7.0f}MB "
+                  f"{default['measured'] / 1e6:>6.0f}MB {default['rss_estimate'] / default['measured']:>6.2f}", flush=True)
     print("d20, device_batch_size 32, seq 2048, vocab 65,536, one H200 (measured compiled):")
     for fp32 in (False, True):
         est, measured = gpu_estimate(fp32), H200["fp32" if fp32 else "bf16"]

@@ -21,6 +21,11 @@ The estimate, per rank, in bytes:
 - the head's transient: at the start of backward the gradient of the (B·T, V) logits exists next
   to everything saved: two fp32 copies on the plain path (cross-entropy's and log-softmax's),
   one with the fused loss (nanochat/fused_loss.py). At a large vocabulary this dominates.
+On the CPU the OS sees more than the live bytes: glibc's malloc raises its mmap threshold as large
+blocks are freed, so the forward's freed temporaries stay in its heap. Peak RSS is then about
+the estimate + CPU_HEAP_RETAINED x the activations (measured by bench/memory.py: 0.59-0.64 on
+3 configs; with MALLOC_MMAP_THRESHOLD_ pinned, RSS is the estimate within 20 %). The CPU's stop
+decision uses that RSS figure.
 The activations are those of the eager model: torch.compile fuses the head and elementwise ops and
 saves less, so a compiled run's estimate is an upper bound (measured on an H200: see README).
 Not counted: the CUDA context and allocator fragmentation (outside max_memory_allocated anyway),
@@ -35,6 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.optim import AdamW, Muon
+
+
+CPU_HEAP_RETAINED = 0.6  # glibc keeps ~0.6 x the activations in its heap (see the docstring)
 
 
 @dataclass
@@ -66,10 +74,16 @@ class Plan:
         B = batch_size or self.batch_size
         return self.static() + self.act_const + B * self.per_sequence()
 
-    def largest_batch(self, budget: float, divides: int | None = None) -> int:
-        """The largest device batch whose peak fits in `budget` bytes (0 if even 1 does not), and,
-        when `divides` is given, that divides it (the script's batch arithmetic must come out even)."""
-        best = int((budget - self.static() - self.act_const) // self.per_sequence())
+    def rss(self, batch_size: int | None = None) -> float:
+        """The peak as the CPU's resident memory (glibc's heap keeps some freed activations)."""
+        return self.peak(batch_size) + CPU_HEAP_RETAINED * self.activations(batch_size)
+
+    def largest_batch(self, budget: float, divides: int | None = None, cpu: bool = False) -> int:
+        """The largest device batch whose peak (`cpu`: its RSS) fits in `budget` bytes (0 if even 1
+        does not), and, when `divides` is given, that divides it (the batch arithmetic must come out even)."""
+        factor = 1 + CPU_HEAP_RETAINED if cpu else 1
+        per_seq = self.per_sequence() + (factor - 1) * self.seq_len * (self.act_per_token + self.act_per_token_t * self.seq_len)
+        best = int((budget - self.static() - factor * self.act_const) // per_seq)
         best = max(0, min(best, divides or best))
         while divides and best > 0 and divides % best:
             best -= 1
@@ -168,13 +182,15 @@ def check(model, optimizers, compute, batch_size: int, seq_len: int, force: bool
     plan = estimate(model, optimizers, compute.world_size, batch_size, seq_len, compute.autocast)
     model.train(was_training)
     budget, what = device_budget(compute.device, plan.parameters)
+    cpu = compute.device.type == "cpu"
+    peak = plan.rss() if cpu else plan.peak()
     if compute.master_process:
-        print(f"{plan.summary()} of {what}", flush=True)
-    if plan.peak() > budget:
-        fits = plan.largest_batch(budget, batch_divides)
+        print(f"{plan.summary()}{f' ({fmt(peak)} as RSS)' if cpu else ''} of {what}", flush=True)
+    if peak > budget:
+        fits = plan.largest_batch(budget, batch_divides, cpu=cpu)
         advice = (f"the largest --device_batch_size that fits is {fits}" if fits else
                   "even --device_batch_size=1 does not fit: lower --max_seq_len or the model size")
-        message = (f"memory plan: the estimated peak {fmt(plan.peak())} per rank exceeds {what}; {advice} "
+        message = (f"memory plan: the estimated peak {fmt(peak)} per rank exceeds {what}; {advice} "
                    f"(--force=1 runs anyway)")
         if not force:
             raise SystemExit(message)
