@@ -26,8 +26,11 @@ blocks are freed, so the forward's freed temporaries stay in its heap. Peak RSS 
 the estimate + CPU_HEAP_RETAINED x the activations (measured by bench/memory.py: 0.59-0.64 on
 3 configs; with MALLOC_MMAP_THRESHOLD_ pinned, RSS is the estimate within 20 %). The CPU's stop
 decision uses that RSS figure.
-The activations are those of the eager model: torch.compile fuses the head and elementwise ops and
-saves less, so a compiled run's estimate is an upper bound (measured on an H200: see README).
+The activations are counted on the eager model; torch.compile fuses the head and the elementwise
+ops and keeps less. For a compiled run the activations and head are scaled by COMPILE_FACTOR,
+measured once: d20 x 32 x 2048, vocab 65,536 on an H200, max_memory_allocated 75.4 GB where the
+eager count here gives 153.0 GB (static 6.7 GB + 146.3 GB of activations and head): 0.47. Checked
+on the other measured layout (--fp32_embedding=1): 79.3 GB estimated vs 82.8 GB measured.
 Not counted: the CUDA context and allocator fragmentation (outside max_memory_allocated anyway),
 the optimiser step's temporaries (Newton-Schulz works on one matrix at a time), the data batches.
 """
@@ -42,6 +45,7 @@ import torch
 from nanochat.optim import AdamW, Muon
 
 
+COMPILE_FACTOR = 0.47  # compiled / eager activations + head, measured on an H200 (see the docstring)
 CPU_HEAP_RETAINED = 0.6  # glibc keeps ~0.6 x the activations in its heap (see the docstring)
 
 
@@ -57,22 +61,27 @@ class Plan:
     batch_size: int
     seq_len: int
     world_size: int
+    compiled: bool = False  # activations and head x COMPILE_FACTOR
 
     def per_sequence(self, seq_len: int | None = None) -> float:
         """Bytes one more sequence of seq_len tokens adds: activations and the head's transient."""
         T = seq_len or self.seq_len
-        return T * (self.act_per_token + self.act_per_token_t * T + self.head_per_token)
+        return self.scale * T * (self.act_per_token + self.act_per_token_t * T + self.head_per_token)
+
+    @property
+    def scale(self) -> float:
+        return COMPILE_FACTOR if self.compiled else 1.0
 
     def static(self) -> int:
         return self.parameters + self.gradients + self.optimizer
 
     def activations(self, batch_size: int | None = None) -> float:
         T, B = self.seq_len, batch_size or self.batch_size
-        return self.act_const + B * T * (self.act_per_token + self.act_per_token_t * T)
+        return self.scale * (self.act_const + B * T * (self.act_per_token + self.act_per_token_t * T))
 
     def peak(self, batch_size: int | None = None) -> float:
         B = batch_size or self.batch_size
-        return self.static() + self.act_const + B * self.per_sequence()
+        return self.static() + self.scale * self.act_const + B * self.per_sequence()
 
     def rss(self, batch_size: int | None = None) -> float:
         """The peak as the CPU's resident memory (glibc's heap keeps some freed activations)."""
@@ -82,8 +91,9 @@ class Plan:
         """The largest device batch whose peak (`cpu`: its RSS) fits in `budget` bytes (0 if even 1
         does not), and, when `divides` is given, that divides it (the batch arithmetic must come out even)."""
         factor = 1 + CPU_HEAP_RETAINED if cpu else 1
-        per_seq = self.per_sequence() + (factor - 1) * self.seq_len * (self.act_per_token + self.act_per_token_t * self.seq_len)
-        best = int((budget - self.static() - factor * self.act_const) // per_seq)
+        T = self.seq_len
+        per_seq = self.per_sequence() + (factor - 1) * self.scale * T * (self.act_per_token + self.act_per_token_t * T)
+        best = int((budget - self.static() - factor * self.scale * self.act_const) // per_seq)
         best = max(0, min(best, divides or best))
         while divides and best > 0 and divides % best:
             best -= 1
@@ -91,10 +101,11 @@ class Plan:
 
     def summary(self) -> str:
         B, T = self.batch_size, self.seq_len
-        return (f"memory plan (per rank, eager): parameters {fmt(self.parameters)}, gradients {fmt(self.gradients)}, "
+        how = f"compiled: eager x {COMPILE_FACTOR}" if self.compiled else "eager"
+        return (f"memory plan (per rank, {how}): parameters {fmt(self.parameters)}, gradients {fmt(self.gradients)}, "
                 f"optimiser state {fmt(self.optimizer)} (rank's share of {self.world_size}), activations "
                 f"{fmt(self.activations())} ({B} x {T} tokens, {fmt(self.activations() / (B * T))}/token), head "
-                f"transient {fmt(B * T * self.head_per_token)} -> estimated peak {fmt(self.peak())}")
+                f"transient {fmt(self.scale * B * T * self.head_per_token)} -> estimated peak {fmt(self.peak())}")
 
 
 def fmt(n: float) -> str:
@@ -144,7 +155,7 @@ def saved_bytes(model, batch_size: int, seq_len: int, autocast) -> int:
 
 
 def estimate(model, optimizers, world_size: int, batch_size: int, seq_len: int, autocast,
-             probe_len: int = 64) -> Plan:
+             probe_len: int = 64, compiled: bool = False) -> Plan:
     """The Plan of a run of `model` at (batch_size, seq_len) on world_size ranks (see the docstring)."""
     T0 = min(probe_len, seq_len)
     s1, s2, s1_long = (saved_bytes(model, b, t, autocast) for b, t in ((1, T0), (2, T0), (1, 2 * T0)))
@@ -158,7 +169,7 @@ def estimate(model, optimizers, world_size: int, batch_size: int, seq_len: int, 
     return Plan(parameters=param_bytes, gradients=param_bytes, optimizer=optimizer_state_bytes(optimizers, world_size),
                 act_const=const, act_per_token=a, act_per_token_t=b,
                 head_per_token=n_logit_copies * 4 * model.config.vocab_size,
-                batch_size=batch_size, seq_len=seq_len, world_size=world_size)
+                batch_size=batch_size, seq_len=seq_len, world_size=world_size, compiled=compiled)
 
 
 def device_budget(device: torch.device, already_allocated: int) -> tuple[float, str]:
@@ -173,13 +184,14 @@ def device_budget(device: torch.device, already_allocated: int) -> tuple[float, 
 
 
 def check(model, optimizers, compute, batch_size: int, seq_len: int, force: bool = False,
-          batch_divides: int | None = None) -> Plan:
+          batch_divides: int | None = None, compiled: bool = False) -> Plan:
     """Estimate, print (rank 0) and stop before an OOM: the one call each training script makes
     after building its model and optimisers. `batch_divides`: a number the device batch must
-    divide (so the suggested --device_batch_size keeps the script's batch arithmetic exact)."""
+    divide (so the suggested --device_batch_size keeps the script's batch arithmetic exact);
+    `compiled`: the run uses torch.compile (model is the eager module it wraps)."""
     was_training = model.training
     model.train()
-    plan = estimate(model, optimizers, compute.world_size, batch_size, seq_len, compute.autocast)
+    plan = estimate(model, optimizers, compute.world_size, batch_size, seq_len, compute.autocast, compiled=compiled)
     model.train(was_training)
     budget, what = device_budget(compute.device, plan.parameters)
     cpu = compute.device.type == "cpu"

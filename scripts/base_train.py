@@ -153,7 +153,8 @@ print0(f"horizon: {num_iterations:,} steps, {total_tokens:,} tokens ({total_toke
 
 optimizers = optim.build(orig_model, cfg, states=optimizer_data if resuming else None)
 memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
-                  batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size))  # stops here if it will not fit
+                  batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size),
+                  compiled=use_compile)  # stops here if it will not fit
 dataloader_state, loop_state = None, {}
 if resuming:
     del optimizer_data

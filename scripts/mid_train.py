@@ -129,7 +129,8 @@ print0(batch_line)
 
 optimizers = optim.build(orig_model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
 memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
-                  batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size))  # stops here if it will not fit
+                  batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size),
+                  compiled=use_compile)  # stops here if it will not fit
 del optimizer_data
 
 # -----------------------------------------------------------------------------
