@@ -7,32 +7,28 @@ the estimate exceeds the device's memory; --force=1 runs anyway.
                              force=cfg.force, batch_divides=...)      # prints; SystemExit if too big
 
 The estimate, per rank, in bytes:
-- parameters and gradients: every parameter in its own dtype, once each (gradients have the
-  parameter's dtype; a run keeps all of them between the backward and optim.step);
+- parameters and gradients, each in the parameter's dtype (all gradients exist before optim.step);
 - optimiser state, ZeRO-sharded as nanochat/optim.py does: AdamW's two moments for this rank's
-  ceil(rows/W) rows of each parameter; Muon's momentum for the matrices this rank owns (matrix i
-  of a same-shape group belongs to rank i % W, so ceil(n/W) of them);
+  ceil(rows/W) rows of each parameter; Muon's momentum for the matrices this rank owns (ceil(n/W)
+  of each same-shape group);
 - activations: the bytes autograd saves for backward (torch.autograd.graph.saved_tensors_hooks,
-  parameters excluded, each storage once), counted in real forwards of the model on its device
-  under the run's autocast at a small batch: (1, T0), (2, T0), (1, 2·T0). These give
-  saved(B, T) = c0 + B·(a·T + b·T²): c0 the per-forward constant (autocast's weight copies), a the
-  bytes per token, b any part that grows with T² (none with SDPA's flash kernels; kept so a
-  non-flash attention would show up). Only forwards run: no gradient is touched;
-- the head's transient: at the start of backward the gradient of the (B·T, V) logits exists next
-  to everything saved: two fp32 copies on the plain path (cross-entropy's and log-softmax's),
-  one with the fused loss (nanochat/fused_loss.py). At a large vocabulary this dominates.
-On the CPU the OS sees more than the live bytes: glibc's malloc raises its mmap threshold as large
-blocks are freed, so the forward's freed temporaries stay in its heap. Peak RSS is then about
-the estimate + CPU_HEAP_RETAINED x the activations (measured by bench/memory.py: 0.59-0.64 on
-3 configs; with MALLOC_MMAP_THRESHOLD_ pinned, RSS is the estimate within 20 %). The CPU's stop
-decision uses that RSS figure.
-The activations are counted on the eager model; torch.compile fuses the head and the elementwise
-ops and keeps less. For a compiled run the activations and head are scaled by COMPILE_FACTOR,
-measured once: d20 x 32 x 2048, vocab 65,536 on an H200, max_memory_allocated 75.4 GB where the
-eager count here gives 153.0 GB (static 6.7 GB + 146.3 GB of activations and head): 0.47. Checked
-on the other measured layout (--fp32_embedding=1): 79.3 GB estimated vs 82.8 GB measured.
-Not counted: the CUDA context and allocator fragmentation (outside max_memory_allocated anyway),
-the optimiser step's temporaries (Newton-Schulz works on one matrix at a time), the data batches.
+  parameters excluded, each storage once) in real forwards of the model on its device under the
+  run's autocast at (1, T0), (2, T0), (1, 2·T0), fitted as saved(B, T) = c0 + B·(a·T + b·T²): c0
+  per forward (autocast's weight copies), a per token, b any T² part (none with SDPA's flash
+  kernels; kept so a non-flash attention would show). Only forwards run: no gradient is touched;
+- the head's transient: when backward starts, the gradient of the (B·T, V) logits exists next to
+  everything saved: two fp32 copies on the plain path (cross-entropy's, log-softmax's), one with
+  the fused loss (nanochat/fused_loss.py). At a large vocabulary this dominates.
+On the CPU, glibc's malloc raises its mmap threshold as large blocks are freed, so the forward's
+freed temporaries stay in its heap: peak RSS is about the estimate + CPU_HEAP_RETAINED x the
+activations (bench/memory.py: 0.59-0.64 on 3 configs; with MALLOC_MMAP_THRESHOLD_ pinned, RSS is
+the estimate within 20 %). The CPU's stop decision uses that RSS figure.
+Activations are counted on the eager model; torch.compile fuses the head and elementwise ops and
+keeps less, so a compiled run scales activations and head by COMPILE_FACTOR, measured once: d20 x
+32 x 2048, vocab 65,536, one H200, max_memory_allocated 75.4 GB where the eager count gives
+153.0 GB (6.7 GB static + 146.3 GB): 0.47. With --fp32_embedding=1: 79.3 GB estimated, 82.8 measured.
+Not counted: the CUDA context (outside max_memory_allocated too), allocator fragmentation, the
+optimiser step's temporaries (one matrix at a time), the data batches.
 """
 
 from __future__ import annotations
@@ -43,7 +39,6 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.optim import AdamW, Muon
-
 
 COMPILE_FACTOR = 0.47  # compiled / eager activations + head, measured on an H200 (see the docstring)
 CPU_HEAP_RETAINED = 0.6  # glibc keeps ~0.6 x the activations in its heap (see the docstring)
@@ -63,9 +58,9 @@ class Plan:
     world_size: int
     compiled: bool = False  # activations and head x COMPILE_FACTOR
 
-    def per_sequence(self, seq_len: int | None = None) -> float:
-        """Bytes one more sequence of seq_len tokens adds: activations and the head's transient."""
-        T = seq_len or self.seq_len
+    def per_sequence(self) -> float:
+        """Bytes one more sequence adds: activations and the head's transient."""
+        T = self.seq_len
         return self.scale * T * (self.act_per_token + self.act_per_token_t * T + self.head_per_token)
 
     @property
@@ -90,11 +85,10 @@ class Plan:
     def largest_batch(self, budget: float, divides: int | None = None, cpu: bool = False) -> int:
         """The largest device batch whose peak (`cpu`: its RSS) fits in `budget` bytes (0 if even 1
         does not), and, when `divides` is given, that divides it (the batch arithmetic must come out even)."""
-        factor = 1 + CPU_HEAP_RETAINED if cpu else 1
-        T = self.seq_len
-        per_seq = self.per_sequence() + (factor - 1) * self.scale * T * (self.act_per_token + self.act_per_token_t * T)
-        best = int((budget - self.static() - factor * self.scale * self.act_const) // per_seq)
-        best = max(0, min(best, divides or best))
+        f = self.rss if cpu else self.peak  # linear in the batch
+        per_seq = f(2) - f(1)
+        best = max(0, int((budget - (f(1) - per_seq)) // per_seq))
+        best = min(best, divides or best)
         while divides and best > 0 and divides % best:
             best -= 1
         return best
@@ -189,10 +183,7 @@ def check(model, optimizers, compute, batch_size: int, seq_len: int, force: bool
     after building its model and optimisers. `batch_divides`: a number the device batch must
     divide (so the suggested --device_batch_size keeps the script's batch arithmetic exact);
     `compiled`: the run uses torch.compile (model is the eager module it wraps)."""
-    was_training = model.training
-    model.train()
     plan = estimate(model, optimizers, compute.world_size, batch_size, seq_len, compute.autocast, compiled=compiled)
-    model.train(was_training)
     budget, what = device_budget(compute.device, plan.parameters)
     cpu = compute.device.type == "cpu"
     peak = plan.rss() if cpu else plan.peak()
