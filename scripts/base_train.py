@@ -37,7 +37,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat import optim
+from nanochat import memory_plan, optim
 from nanochat.checkpoint_manager import load_checkpoint, resolve_resume_step, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -57,6 +57,7 @@ DEFAULTS = dict(
     run="dummy",  # wandb run name; "dummy" = no wandb
     device_type="",  # cuda | mps | cpu; empty = autodetect
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
+    force=0,  # 1: train even when the memory plan says the batch will not fit
     fp32_embedding=0,  # 1: keep the embedding (and the residual stream) fp32 on CUDA; 0: bf16 there, as the reference
     # model
     depth=20,
@@ -161,6 +162,9 @@ print0(f"horizon: {num_iterations:,} steps, {total_tokens:,} tokens ({total_toke
 # Optimisers (Muon for block matrices, AdamW for embedding and head) and data
 
 optimizers = optim.build(orig_model, cfg, states=optimizer_data if resuming else None)
+memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
+                  batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size),
+                  compiled=use_compile)  # stops here if it will not fit
 dataloader_state, loop_state = None, {}
 if resuming:
     del optimizer_data

@@ -38,7 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat import optim
+from nanochat import memory_plan, optim
 from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, run_categorical_eval
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
@@ -59,6 +59,7 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 DEFAULTS = dict(
     run="dummy",  # wandb run name; "dummy" = no wandb
     device_type="",  # cuda | mps | cpu; empty = autodetect
+    force=0,  # 1: train even when the memory plan says the batch will not fit
     # the checkpoint to start from; its tag is also the output tag
     source="mid",  # mid | base
     model_tag="",  # default: the largest model of the source stage
@@ -122,6 +123,8 @@ print0(f"model: {start_source['source']} {start_source['model_tag']} step {start
 # Optimisers: every LR scaled by init_lr_frac
 
 optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+memory_plan.check(model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
+                  batch_divides=cfg.target_examples_per_step // compute.world_size)  # stops here if it will not fit
 del optimizer_data
 
 # -----------------------------------------------------------------------------

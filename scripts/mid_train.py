@@ -41,7 +41,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat import optim
+from nanochat import memory_plan, optim
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import conversation_batches
@@ -66,6 +66,7 @@ DEFAULTS = dict(
     run="dummy",  # wandb run name; "dummy" = no wandb
     device_type="",  # cuda | mps | cpu; empty = autodetect
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
+    force=0,  # 1: train even when the memory plan says the batch will not fit
     # the base checkpoint to start from; also the output tag
     model_tag="",  # default: the largest base model
     step=-1,  # base checkpoint step; -1 = the latest
@@ -131,6 +132,9 @@ print0(batch_line)
 # Optimisers: the base recipe's, every LR scaled by init_lr_frac
 
 optimizers = optim.build(orig_model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
+                  batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size),
+                  compiled=use_compile)  # stops here if it will not fit
 del optimizer_data
 
 # -----------------------------------------------------------------------------
