@@ -262,8 +262,9 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
         resume_from_step = resolve_resume_step(checkpoint_dir, resume_from_step)
         print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
         model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, device, phase="train")
+        required = ("step", "start_source", "loop_state") + (("dataloader_state",) if stage in ("mid", "sft") else ())
         _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True,
-                                               rank=rank, required=("step", "start_source", "loop_state"))
+                                               rank=rank, required=required)
         return model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"]
     model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
                                         step=None if step < 0 else step)
