@@ -94,7 +94,7 @@ def test_resuming_a_fine_tuning_stage_needs_its_dataloader_state(base_dir_with_t
 STAGES = [  # every stage that loads a checkpoint, on the damaged latest one
     ["scripts.base_train", "--device_type=cpu", "--depth=2", "--model_tag=d2", "--resume_from_step=latest"],
     ["scripts.base_loss", "--device_type=cpu"],
-    ["scripts.base_eval", "--device_type=cpu", "--eval_bundle=/nonexistent/bundle"],
+    ["scripts.base_eval", "--device_type=cpu", f"--eval_bundle={REPO_ROOT / 'dev' / 'cpu_sample' / 'core_sample'}"],
     ["scripts.mid_train", "--device_type=cpu"],
     ["scripts.mid_train", "--device_type=cpu", "--resume_from_step=2"],
     ["scripts.chat_sft", "--device_type=cpu", "--source=mid"],
