@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import atomic_write, base_dir_path, get_dist_info, print0, use_fused_loss
+from nanochat.flags import StopRun
 
 logger = logging.getLogger("nanochat")
 
@@ -49,7 +50,7 @@ SOURCES = {  # source -> (checkpoint directory, the command that produces it)
 }
 
 
-class CheckpointError(SystemExit):
+class CheckpointError(StopRun):
     """A damaged checkpoint file. Like flags.FlagError: the script ends printing the message to
     stderr with exit status 1, not a traceback."""
 

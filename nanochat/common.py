@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat.flags import StopRun
+
 logger = logging.getLogger("nanochat")
 
 # -----------------------------------------------------------------------------
@@ -290,8 +292,8 @@ def get_wandb(run: str, project: str, config: dict, master_process: bool):
     try:
         import wandb
     except ImportError:
-        raise SystemExit(f"--run={run} asks for wandb logging, but wandb is not installed: "
-                         "run `bash dev/setup.sh` (or `pip install wandb`), or drop --run")
+        raise StopRun(f"--run={run} asks for wandb logging, but wandb is not installed: "
+                      "run `bash dev/setup.sh` (or `pip install wandb`), or drop --run")
     mode = os.environ.get("WANDB_MODE")
     fallback = mode is None and not wandb_api_key_configured()
     if fallback:

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from nanochat.common import base_dir_path, data_dir_setting, get_base_dir
 from nanochat.download import check_parquet, download_file
+from nanochat.flags import StopRun
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard is shard_01822.parquet
@@ -128,7 +129,7 @@ def download_shards(num_shards: int, workers: int = 4, data_dir: str | None = No
 # Reading
 
 
-class ShardError(SystemExit):
+class ShardError(StopRun):
     """A damaged pretraining shard: the script ends printing the one-line message, exit status 1."""
 
 

@@ -15,11 +15,21 @@ Each script declares its defaults once, at the top, as a dict, and calls `parse_
   stored as LATEST (-2), and nanochat.checkpoint_manager.resolve_resume_step turns it into a step.
 - Under torchrun the flags follow the module: `torchrun ... -m scripts.base_train -- --depth=20`
   (a bare `--` is skipped).
+
+Bad input of any kind (a flag, a checkpoint, a shard, a missing bundle) stops a script with a
+StopRun: one line on stderr, exit status 1, no traceback. Under torchrun every rank usually meets
+the same error; the line is printed once, by the first rank to raise it, and every rank also
+writes it to torchrun's error file, so torchrun's failure summary ends with the cause ("Root
+Cause ... traceback: <the line>") rather than a link to its documentation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
+import time
 from types import SimpleNamespace
 
 _TRUE = ("true", "1", "yes", "on")
@@ -27,7 +37,42 @@ _FALSE = ("false", "0", "no", "off")
 LATEST = -2  # --resume_from_step=latest
 
 
-class FlagError(SystemExit):
+class StopRun(SystemExit):
+    """Ends the script with `message` on stderr and exit status 1 (SystemExit prints a string code
+    and exits 1). Under torchrun only the first rank to raise a given message prints it; the others
+    exit 1 silently. str(e) is always the message, so a stage can prefix it: StopRun(f"x: {e}")."""
+
+    def __init__(self, message):
+        self.message = str(message)
+        super().__init__(self.message if _first_to_say(self.message) else 1)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _first_to_say(message: str) -> bool:
+    """True unless another rank of this torchrun job has already said `message`. Also hands the
+    message to torchrun (its per-rank TORCHELASTIC_ERROR_FILE), which prints it in its summary."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:  # not under torchrun (or a launcher without error files): always print
+        return True
+    try:
+        os.makedirs(os.path.dirname(error_file), exist_ok=True)
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": message,  # the layout torchrun's own error handler writes
+                                   "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+        # The ranks of one node share torchrun's attempt folder: the first to create the marker says it.
+        attempt_dir = os.path.dirname(os.path.dirname(error_file))
+        marker = os.path.join(attempt_dir, "said-" + hashlib.sha1(message.encode()).hexdigest()[:16])
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # torchrun's folder is not writable: better twice than never
+        return True
+
+
+class FlagError(StopRun):
     """A bad command line. A SystemExit carrying the message: the script ends printing it to stderr
     with exit status 1, not a traceback."""
 

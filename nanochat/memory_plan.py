@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanochat.flags import StopRun
 from nanochat.optim import AdamW, Muon
 
 COMPILE_FACTOR = 0.47  # compiled / eager activations + head, measured on an H200 (see the docstring)
@@ -196,7 +197,7 @@ def check(model, optimizers, compute, batch_size: int, seq_len: int, force: bool
         message = (f"memory plan: the estimated peak {fmt(peak)} per rank exceeds {what}; {advice} "
                    f"(--force=1 runs anyway)")
         if not force:
-            raise SystemExit(message)
+            raise StopRun(message)
         if compute.master_process:
             print(f"{message}: --force=1, running anyway", flush=True)
     global LAST

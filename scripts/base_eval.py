@@ -26,7 +26,7 @@ from nanochat.common import (atomic_write, base_dir_path, compute_cleanup, compu
                              get_base_dir, print0)
 from nanochat.core_eval import BundleError, core_label, evaluate_core, get_eval_bundle_dir, load_bundle, select_tasks
 from nanochat.download import DownloadError
-from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
 from nanochat.report import get_report
 
 # -----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ try:  # no checkpoint, or a missing, malformed or undownloadable bundle: one lin
         bundle_dir = get_eval_bundle_dir()
         tasks = bundle_tasks(bundle_dir)
 except (BundleError, FileNotFoundError, DownloadError) as e:
-    raise SystemExit(f"base_eval: {e}") from None
+    raise StopRun(f"base_eval: {e}") from None
 model_tag = cfg.model_tag or find_largest_model(os.path.join(base_dir_path(), SOURCES["base"][0]))  # the one loaded
 step = meta["step"]
 print0(f"base model {model_tag} at step {step}; eval bundle {bundle_dir} ({len(tasks)} tasks to score)")

@@ -12,7 +12,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import check_shards
-from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -39,7 +39,7 @@ try:
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=cfg.model_tag or None,
                                         step=cfg.step if cfg.step >= 0 else None)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise SystemExit(f"base_loss: {e}") from None
+    raise StopRun(f"base_loss: {e}") from None
 sequence_len = meta["model_config"]["sequence_len"]
 token_bytes = get_token_bytes(device=device)
 tokens_per_step = cfg.device_batch_size * sequence_len * compute.world_size
@@ -50,7 +50,7 @@ steps = cfg.split_tokens // tokens_per_step
 try:
     check_shards()  # a damaged train or val shard: one line now, not a traceback halfway
 except FileNotFoundError as e:
-    raise SystemExit(f"base_loss: {e}") from None
+    raise StopRun(f"base_loss: {e}") from None
 print0(f"base model at step {meta['step']}: {steps} batches of {tokens_per_step:,} tokens per split")
 
 # -----------------------------------------------------------------------------

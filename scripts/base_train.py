@@ -42,7 +42,7 @@ from nanochat.checkpoint_manager import load_checkpoint, resolve_resume_step, sa
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import check_shards
-from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
+from nanochat.flags import FlagError, StopRun, parse_flags, print_flags, token_batch_plan
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
 from nanochat.preempt import Preemption
@@ -102,7 +102,7 @@ try:
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
 except FileNotFoundError as e:  # the message says how to train one
-    raise SystemExit(f"base_train: {e}") from None
+    raise StopRun(f"base_train: {e}") from None
 vocab_size = tokenizer.get_vocab_size()
 
 # -----------------------------------------------------------------------------
@@ -118,7 +118,7 @@ checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 try:  # --resume_from_step=latest -> the newest complete checkpoint's step
     cfg.resume_from_step = resolve_resume_step(checkpoint_dir, cfg.resume_from_step)
 except FileNotFoundError as e:
-    raise SystemExit(f"base_train: {e}") from None
+    raise StopRun(f"base_train: {e}") from None
 resuming = cfg.resume_from_step >= 0
 if resuming:
     print0(f"resuming from step {cfg.resume_from_step} of {checkpoint_dir}")
@@ -180,7 +180,7 @@ try:
     check_shards()  # every train and val shard's footer and `text` column, before step 0
     x, y, x_state = next(train_loader)  # prefetch; x_state = loader position right after (x, y)
 except FileNotFoundError as e:  # no shards: the message says how to download them
-    raise SystemExit(f"base_train: {e}") from None
+    raise StopRun(f"base_train: {e}") from None
 
 
 def val_batches():

@@ -38,6 +38,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0
 from nanochat.execution import isolation_level
 from nanochat.engine import Engine
+from nanochat.flags import StopRun
 from nanochat.report import get_report
 
 # -----------------------------------------------------------------------------
@@ -83,7 +84,7 @@ try:
     model, tokenizer, meta = load_model(args.source, compute.device, phase="eval", model_tag=args.model_tag,
                                         step=args.step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise SystemExit(f"chat_eval: {e}") from None
+    raise StopRun(f"chat_eval: {e}") from None
 model.to(compute.compute_dtype)  # bf16 weights on CUDA, cast once
 engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
 print0(f"evaluating the {args.source} model, step {meta['step']}, on {', '.join(task_names)}")

@@ -35,7 +35,7 @@ from nanochat.chat_evaluation import (all_reduce_sum, collate_masked, generative
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.engine import Engine
-from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
 from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
@@ -98,7 +98,7 @@ try:
     model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
         "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise SystemExit(f"chat_rl: {e}") from None
+    raise StopRun(f"chat_rl: {e}") from None
 if resuming:
     cfg.resume_from_step = meta["step"]  # `latest` resolved
 model_config = meta["model_config"]

@@ -45,7 +45,7 @@ from nanochat import memory_plan, optim
 from nanochat.checkpoint_manager import load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import conversation_batches
-from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
+from nanochat.flags import FlagError, StopRun, parse_flags, print_flags, token_batch_plan
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
@@ -111,7 +111,7 @@ try:
     model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
         "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
 except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise SystemExit(f"mid_train: {e}") from None
+    raise StopRun(f"mid_train: {e}") from None
 if resuming:
     cfg.resume_from_step = meta["step"]  # `latest` resolved
 if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len

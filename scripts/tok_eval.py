@@ -19,7 +19,7 @@ FineWeb-Edu, vs 4.6-4.7 for GPT-2 and ~4.8 for GPT-4.
 import threading
 
 from nanochat.dataset import parquets_iter_batched
-from nanochat.flags import parse_flags, print_flags
+from nanochat.flags import StopRun, parse_flags, print_flags
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
@@ -111,7 +111,7 @@ def load_reference(name: str, timeout: float) -> tuple[RustBPETokenizer | None, 
 try:
     tokenizers = [("ours", get_tokenizer())]
 except FileNotFoundError as e:  # the message says how to train one
-    raise SystemExit(f"tok_eval: {e}") from None
+    raise StopRun(f"tok_eval: {e}") from None
 missing = []  # comparison tokenizers tiktoken could not load: (label, why)
 for label, name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
     tok, why = load_reference(name, cfg.reference_timeout)

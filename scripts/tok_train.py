@@ -24,7 +24,7 @@ import time
 
 from nanochat.common import atomic_write
 from nanochat.dataset import get_data_dir, parquets_iter_batched, split_files
-from nanochat.flags import FlagError, parse_flags, print_flags
+from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
 from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_token_bytes, get_tokenizer_dir
 
@@ -67,7 +67,7 @@ if not cfg.force and os.path.exists(settings_path):
 try:
     split_files("train")  # no shards: say so (and how to get them) now, not from inside the trainer
 except FileNotFoundError as e:
-    raise SystemExit(f"tok_train: {e}") from None
+    raise StopRun(f"tok_train: {e}") from None
 
 seen = dict(docs=0, chars=0)
 
