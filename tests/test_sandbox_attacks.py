@@ -391,7 +391,11 @@ def test_the_attack_world_is_observable(world):
     os.remove(names["SENTINEL"])
     sleeper = subprocess.Popen(["sleep", "987.654"])
     try:
-        assert any("987.654" in s for s in survivors())
+        # Poll: on a loaded machine /proc can show the child a moment after Popen returns.
+        deadline = time.time() + 5
+        while not any("987.654" in s for s in survivors()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert any("987.654" in s for s in survivors()), f"sleep {sleeper.pid} not seen in /proc"
     finally:
         sleeper.kill()
         sleeper.wait()
