@@ -32,6 +32,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 
 import torch
@@ -71,8 +72,13 @@ def _damaged(checkpoint_dir: str, step: int, path: str, what: str) -> Checkpoint
 def _load_pt(checkpoint_dir: str, step: int, path: str, device) -> dict:
     if os.path.getsize(path) == 0:
         raise _damaged(checkpoint_dir, step, path, "is empty")
-    try:
-        data = torch.load(path, map_location=device)
+    try:  # weights_only: tensors and plain data, never code (explicit: an environment variable can flip the default)
+        data = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise _damaged(checkpoint_dir, step, path, "is truncated or damaged (UnpicklingError)") from None
+        raise _damaged(checkpoint_dir, step, path, "holds objects other than tensors and plain data (refused: "
+                                                   "loading them could run code)") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError, ImportError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise _damaged(checkpoint_dir, step, path, f"is truncated or damaged ({why})") from None

@@ -43,6 +43,8 @@ CHECKPOINT_CASES = {  # name -> (file of step 2, how to damage it, what the mess
     "model truncated": ("model_000002.pt", truncate, "truncated or damaged"),
     "model empty": ("model_000002.pt", lambda p: p.write_bytes(b""), "is empty"),
     "optim truncated": ("optim_000002_rank0.pt", truncate, "truncated or damaged"),
+    "model hostile": ("model_000002.pt", lambda p: p.write_bytes(__import__("pickle").dumps(_Hostile(f"touch {p.parent}/pwned"))),
+                      "holds objects other than tensors"),
     "meta garbage": ("meta_000002.json", lambda p: p.write_bytes(os.urandom(200)), "not valid JSON"),
     "meta empty": ("meta_000002.json", lambda p: p.write_text(""), "is empty"),
     "meta a list": ("meta_000002.json", lambda p: p.write_text("[1, 2]"), "JSON list"),
