@@ -12,7 +12,8 @@ The bundle holds:
 
 The download happens under a file lock (one process fetches, the others wait), the zip is checked
 member by member before it is unpacked, and the folder is renamed into place only when complete.
-Every defect is a BundleError naming the file (and line) and what is wrong.
+Every defect is a BundleError naming the file (and line) and what is wrong. `select_tasks` picks
+the tasks to score by label and says which of them have no data file.
 
     from nanochat.core_bundle import get_eval_bundle_dir, load_bundle, load_task_data
     tasks = load_bundle(get_eval_bundle_dir())  # [{label, task_type, dataset_path, ...}]
