@@ -1,9 +1,10 @@
 """
-Tests for nanochat/core_eval.py and nanochat/core_bundle.py: prompt rendering against hand-written strings, token spans and
-left-cropping, the scorer with an oracle model (accuracy 1.0) and a uniform one (chance, ties to the
-first choice), batch-size and 2-rank invariance, bundle validation errors, and the bundle download
-from a local HTTP server (good zip, corrupt zip, two concurrent downloaders; an endless body, a
-trickle, garbage in the middle, a dropped connection, Ctrl-C in a real subprocess).
+Tests for nanochat/core_eval.py and nanochat/core_bundle.py: prompt rendering against hand-written
+strings, token spans and left-cropping, the scorer with an oracle model (accuracy 1.0) and a
+uniform one (chance, ties to the first choice), batch-size and 2-rank invariance, bundle validation
+errors, and the bundle download from a local HTTP server (good zip, corrupt zip, two concurrent
+downloaders; an endless body, a trickle, garbage in the middle, a dropped connection, Ctrl-C in a
+real subprocess).
 """
 
 import http.server
