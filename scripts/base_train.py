@@ -19,8 +19,9 @@ gradient accumulation making up the rest (it must divide exactly).
 --compile: -1 = torch.compile on CUDA, off on CPU/MPS (a first compile costs ~1 min and does not
 pay off for tiny models); 0 = off; 1 = on.
 
-One step: grad_accum_steps forward/backward passes, then nanochat.optim.step (average across
-ranks, clip at --grad_clip, LR multiplier and Muon momentum, update), as every stage does it.
+One step: grad_accum_steps forward/backward passes (nanochat.optim.micro_step), then
+nanochat.optim.step (average across ranks, clip at --grad_clip, LR multiplier and Muon momentum,
+update), as every stage does it.
 Every step prints the progress line of nanochat/progress.py (the debiased EMA of the train loss,
 the LR multiplier, step time, tokens/s over the global batch, MFU (n/a when the device's peak is
 unknown), training time and an ETA). Checkpoints
@@ -35,10 +36,10 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from nanochat import memory_plan, optim
-from nanochat.checkpoint_manager import load_checkpoint, resolve_resume_step, save_checkpoint
+from nanochat.checkpoint_manager import (checkpoint_due, every_rank, load_checkpoint, resolve_resume_step,
+                                         save_checkpoint)
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import check_shards
@@ -230,17 +231,11 @@ while True:
             print0(f"  {sample!r}")
         orig_model.train()
 
-    if step != cfg.resume_from_step and (last_step or stop or (cfg.save_every > 0 and step > 0
-                                                               and step % cfg.save_every == 0)):
-        states = [None] * compute.world_size  # every rank's loader position, for an exact resume
-        if compute.ddp:
-            dist.all_gather_object(states, dataloader_state)
-        else:
-            states = [dataloader_state]
+    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
         loop_state = dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=asdict(model_config), user_config=user_config, val_bpb=val_bpb,
-                             dataloader_state=states, loop_state=loop_state,
+                             dataloader_state=every_rank(dataloader_state), loop_state=loop_state,
                              device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len),
                         rank=compute.rank)
     if stop:
@@ -253,11 +248,8 @@ while True:
     compute.synchronize()
     t0 = time.time()
     train_loss = 0.0
-    for micro_step in range(grad_accum_steps):
-        with compute.autocast():
-            loss = model(x, y)
-        train_loss += loss.detach() / grad_accum_steps
-        (loss / grad_accum_steps).backward()  # gradients add up over micro-steps: mean over the batch
+    for _ in range(grad_accum_steps):
+        train_loss += optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)  # gradients add up: mean
         dataloader_state = x_state  # (x, y) is consumed
         x, y, x_state = next(train_loader)  # the next batch loads while the device works
     lrm = optim.lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
