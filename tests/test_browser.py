@@ -41,7 +41,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(chat_base_dir, tmp_path_factory):
-    with run_server(chat_base_dir, tmp_path_factory.mktemp("browser_logs"), "-m", "40") as server:
+    # Greedy: the tiny model has learned its replies, but sampling at 0.8 can still stray from them.
+    with run_server(chat_base_dir, tmp_path_factory.mktemp("browser_logs"), "-m", "40", "-t", "0") as server:
         yield server
 
 
