@@ -64,10 +64,14 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 
 
 def greedy_samples(model: torch.nn.Module, tokenizer, autocast, max_tokens: int = 16) -> list[str]:
-    """Greedy (temperature 0) continuations of SAMPLE_PROMPTS with the KV-cache engine, run under
-    the `autocast()` context factory (compute.autocast)."""
-    from nanochat.engine import Engine  # imported here: the engine is only needed for samples
-    engine = Engine(model, tokenizer, compile_decode=False)  # 16 tokens do not repay a graph capture
+    """Greedy (temperature 0) continuations of SAMPLE_PROMPTS with the KV-cache engine (a masked
+    diffusion model: iterative unmasking), run under the `autocast()` context factory (compute.autocast)."""
+    from nanochat.diffusion import DiffusionEngine  # imported here: the engines are only needed for samples
+    from nanochat.engine import Engine
+    if getattr(model, "causal", True):
+        engine = Engine(model, tokenizer, compile_decode=False)  # 16 tokens do not repay a graph capture
+    else:  # masked diffusion: max_tokens masks after the prompt, one unmasked per step, most confident first
+        engine = DiffusionEngine(model, tokenizer)
     samples = []
     for prompt in SAMPLE_PROMPTS:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
