@@ -198,7 +198,7 @@ def unmask_generate(model: torch.nn.Module, tokens: list[int], max_tokens: int, 
             logits = model(x)[:, lo:hi].float()  # (N, W, V)
             logits[..., mask_id] = -float("inf")
             N, W, V = logits.shape
-            proposal = sample_next_token(logits.view(N * W, V), generator, temperature, top_k).view(N, W)
+            proposal = sample_next_token(logits.reshape(N * W, V), generator, temperature, top_k).view(N, W)
             if order == "confidence":
                 score = F.softmax(logits, dim=-1).gather(-1, proposal[..., None])[..., 0]  # (N, W)
             else:

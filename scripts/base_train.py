@@ -229,7 +229,7 @@ while True:
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {'bound ' if mdlm else ''}{val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
-        report.log_history({"step": step, "val_bpb": val_bpb})
+        report.log_history({"step": step, "val_bpb_bound" if mdlm else "val_bpb": val_bpb})
         model.train()
 
     if not stop and cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):

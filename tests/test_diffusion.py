@@ -14,17 +14,17 @@ import torch.nn.functional as F
 
 from conftest import copy_checkpoint
 from nanochat.checkpoint_manager import load_model
-from nanochat.diffusion import (EPS, add_mask_token, diffusion_loss, draw_noise, evaluate_bpb_bound, mask_tokens,
-                                masked_nats)
+from nanochat.diffusion import (EPS, DiffusionEngine, add_mask_token, diffusion_loss, draw_noise, evaluate_bpb_bound,
+                                mask_tokens, unmask_generate)
 from nanochat.gpt import GPT, GPTConfig
 from test_base_train import TINY, assert_identical, pretrain_dir, run, step_lines  # noqa: F401 (fixture)
 
 V, MASK, BOS = 40, 39, 0  # a tiny vocabulary whose last id is <|mask|>
 
 
-def tiny_model(seed=0, causal=False):
+def tiny_model(seed=0, causal=False, vocab_size=V):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=12, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=12, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     model.init_weights()
     torch.nn.init.normal_(model.lm_head.weight, std=0.3)  # not the near-uniform init: logits that differ
     model.causal = causal
@@ -118,6 +118,65 @@ def test_mask_token_keeps_every_id(tiny_tokenizer):
     assert masked.decode([n]) == "<|mask|>"
 
 
+# -----------------------------------------------------------------------------
+# The sampler
+
+
+PROMPT = [BOS, 5, 9, 17]
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(steps=3), dict(block_len=4, steps=4), dict(order="random"),
+                                    dict(temperature=1.0, top_k=5), dict(temperature=0.8, block_len=3)])
+def test_sampler_leaves_no_mask_and_keeps_the_prompt(kwargs):
+    model = tiny_model()
+    out = unmask_generate(model, PROMPT, 10, MASK, num_samples=3, seed=1, **kwargs)
+    assert len(out) == 3 and all(len(row) == len(PROMPT) + 10 for row in out)
+    assert all(row[:len(PROMPT)] == PROMPT and MASK not in row for row in out)
+    assert out == unmask_generate(model, PROMPT, 10, MASK, num_samples=3, seed=1, **kwargs)  # seeded
+
+
+def test_sampler_at_temperature_zero_is_deterministic():
+    model = tiny_model()
+    runs = [unmask_generate(model, PROMPT, 8, MASK, steps=4, num_samples=2, seed=s) for s in (0, 1, 2)]
+    assert runs[0] == runs[1] == runs[2] and runs[0][0] == runs[0][1]  # the seed plays no part
+    sampled = {tuple(unmask_generate(model, PROMPT, 8, MASK, steps=4, temperature=1.0, seed=s)[0]) for s in range(4)}
+    assert len(sampled) > 1  # while at temperature 1 it does
+
+
+def test_blocks_of_one_are_greedy_left_to_right():
+    # block_len=1 and one step per token: the obvious loop, one full forward pass per position
+    model = tiny_model(seed=3)
+    x = PROMPT + [MASK] * 6
+    for i in range(len(PROMPT), len(x)):
+        with torch.no_grad():
+            logits = model(torch.tensor([x]))[0, i, :MASK]
+        x[i] = int(logits.argmax())
+    assert unmask_generate(model, PROMPT, 6, MASK, steps=6, block_len=1) == [x]
+
+
+def test_confidence_order_commits_the_surest_position_first():
+    model = tiny_model(seed=4)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([PROMPT + [MASK] * 5]))[0, len(PROMPT):, :MASK], dim=-1)
+    best, surest = probs.max(dim=-1)
+    first = int(best.argmax())  # the position unmasked by the first of 5 steps
+    out = unmask_generate(model, PROMPT, 5, MASK, steps=5)[0]
+    assert out[len(PROMPT) + first] == int(surest[first])
+
+
+def test_diffusion_engine_streams_whole_replies(tiny_tokenizer):
+    tokenizer = add_mask_token(tiny_tokenizer)
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    engine = DiffusionEngine(model, tokenizer, steps=4)
+    prompt = tokenizer.encode("To be", prepend=tokenizer.get_bos_token_id())
+    columns = list(engine.generate(prompt, num_samples=2, max_tokens=6, temperature=0))
+    assert len(columns) == 6 and all(len(c) == 2 and mask == [1, 1] for c, mask in columns)
+    rows = unmask_generate(model, prompt, 6, tokenizer.encode_special("<|mask|>"), steps=4, num_samples=2)
+    assert [list(c) for c in zip(*[c for c, _ in columns])] == [row[len(prompt):] for row in rows]
+    sequences, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=6, temperature=0)
+    assert sequences[0][:len(prompt)] == prompt and tokenizer.encode_special("<|mask|>") not in sequences[0]
+
+
 @pytest.mark.slow
 def test_mdlm_trains_resumes_exactly_and_loaders_check_the_objective(pretrain_dir):
     flags = [*TINY, "--objective=mdlm", "--num_iterations=6", "--eval_every=3", "--warmdown_ratio=0.5"]
@@ -154,3 +213,15 @@ def test_mdlm_trains_resumes_exactly_and_loaders_check_the_objective(pretrain_di
     assert loss.returncode == 0, loss.stderr[-3000:]
     bounds = dict(re.findall(r"(train|val) bpb bound \(ELBO\): ([\d.]+)", loss.stdout))
     assert set(bounds) == {"train", "val"} and all(0 < float(v) < 20 for v in bounds.values())
+    assert "The capital of France is" in loss.stdout  # samples by iterative unmasking
+    chat = run("scripts.chat_cli", "--device_type=cpu", "-i", "base", "--model_tag=straight", "-p", "Hello",
+               "-m", "8", "-t", "0", "--unmask_steps=4", "--block_len=4")
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-3000:]
+    assert "<|mask|>" not in chat.stdout
+    # the report card says bound wherever the figure is one
+    report = pretrain_dir / "report"
+    assert "- val bpb bound (ELBO): " in (report / "base-model-loss.md").read_text()
+    training = (report / "base-model-training.md").read_text()
+    assert "- final val bpb bound: " in training and "- final val bpb:" not in training
+    history = [json.loads(line) for line in (report / "base_train_history.jsonl").read_text().splitlines()]
+    assert any("val_bpb_bound" in row for row in history) and not any("val_bpb" in row for row in history)
