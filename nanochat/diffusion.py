@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from nanochat.engine import Engine, sample_next_token
 from nanochat.flags import StopRun
+from nanochat.loss_eval import bits_per_byte
 from nanochat.progress import EvalProgress
 
 OBJECTIVES = ("ar", "mdlm")
@@ -154,12 +155,7 @@ def evaluate_bpb_bound(model: torch.nn.Module, batches: Iterable, steps: int, to
         total_bytes += num_bytes.sum()
         bar.update(done)
     bar.close()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    if total_bytes.item() == 0:
-        raise ValueError("evaluate_bpb_bound saw no token with a byte length > 0 (no batches?)")
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    return bits_per_byte(total_nats, total_bytes)
 
 
 # -----------------------------------------------------------------------------

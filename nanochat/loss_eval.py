@@ -48,12 +48,17 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable, steps: int, token_by
         total_bytes += num_bytes.sum()
         bar.update(done)
     bar.close()
+    return bits_per_byte(total_nats, total_bytes)
+
+
+def bits_per_byte(total_nats: torch.Tensor, total_bytes: torch.Tensor) -> float:
+    """This rank's sums of nats and of bytes (scalar tensors), added over ranks, as bits per byte."""
     if dist.is_available() and dist.is_initialized():
         # every rank takes part, even one whose batches ran out, so the collectives always match
         dist.all_reduce(total_nats)
         dist.all_reduce(total_bytes)
     if total_bytes.item() == 0:
-        raise ValueError("evaluate_bpb saw no target token with a byte length > 0 "
+        raise ValueError("bits per byte over no target token with a byte length > 0 "
                          "(no batches: empty val split or steps=0?)")
     return total_nats.item() / (math.log(2) * total_bytes.item())
 

@@ -146,7 +146,7 @@ if resuming:
     del model_data
 orig_model = model  # uncompiled: for saving, CORE and sampling
 use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
-orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile)
+orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile) and not mdlm  # mdlm's loss takes the logits
 if use_compile:
     model = torch.compile(model, dynamic=False)
 num_params = sum(p.numel() for p in orig_model.parameters())
