@@ -15,7 +15,9 @@ Run:
   through NANOCHAT_PRETRAIN_DIR, and a tokenizer trained on it (--vocab_size) in a temporary
   NANOCHAT_BASE_DIR (or --base_dir, kept). Both runs are real `python -m scripts.base_train`
   subprocesses with identical flags but --objective.
-- tok/s is the median of the per-step figures base_train prints, after the first 3 steps.
+- tok/s is the median of the per-step figures base_train prints, after the first 3 steps. The two
+  runs are sequential, so on a shared machine tok/s also measures the other load: the table prints
+  the 1-minute load average at the start and end of each run (os.getloadavg).
 - The bound averages 4 masking rates per val row, so it is repeatable; it is an upper bound on the
   MDLM's bpb, while the AR figure is exact: a gap in the AR's favour is partly the bound's slack.
 """
@@ -73,20 +75,23 @@ with tempfile.TemporaryDirectory() as tmp:
               f"--device_batch_size={cfg.device_batch_size}", f"--total_batch_size={cfg.total_batch_size}",
               f"--num_iterations={cfg.num_iterations}", f"--eval_tokens={cfg.eval_tokens}", "--eval_every=-1",
               "--core_metric_every=-1", f"--sample_every={cfg.num_iterations}"]
-    results = {}
+    results, loads = {}, {}
     for objective in ("ar", "mdlm"):
         print(f"training --objective={objective} ...", flush=True)
+        start = os.getloadavg()[0]
         results[objective] = measure(run(env, "scripts.base_train", *common, f"--objective={objective}",
                                          f"--model_tag={objective}"))
+        loads[objective] = f"{start:.1f} / {os.getloadavg()[0]:.1f}"
 
 tokens = cfg.total_batch_size * cfg.num_iterations
 print(f"\ndepth {cfg.depth}, seq {cfg.max_seq_len}, vocab {cfg.vocab_size}, {cfg.num_iterations} steps of "
       f"{cfg.total_batch_size:,} tokens = {tokens:,} tokens, on {cfg.device_type}\n")
-print("| objective | val bpb | which | FLOPs/token | training FLOPs | tok/s (median) |")
-print("|---|---:|---|---:|---:|---:|")
+print("| objective | val bpb | which | FLOPs/token | training FLOPs | tok/s (median) | load avg start / end |")
+print("|---|---:|---|---:|---:|---:|---:|")
 for objective, (bpb, rate, flops, _) in results.items():
     kind = "exact" if objective == "ar" else "upper bound (ELBO)"
-    print(f"| {objective} | {bpb:.4f} | {kind} | {flops:.3e} | {flops * tokens:.3e} | {rate:,.0f} |")
+    print(f"| {objective} | {bpb:.4f} | {kind} | {flops:.3e} | {flops * tokens:.3e} | {rate:,.0f} "
+          f"| {loads[objective]} |")
 for objective, (*_, samples) in results.items():
     print(f"\n{objective} greedy samples:")
     for sample in samples:
