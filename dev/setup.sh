@@ -19,9 +19,14 @@ say() { echo "[setup] $*"; }
 hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 fresh() { local name=$1; shift; [[ -f "$STAMPS/$name" && "$(cat "$STAMPS/$name")" == "$(hash_of "$@")" ]]; }
 stamp() { local name=$1; shift; hash_of "$@" > "$STAMPS/$name"; }
+# Ctrl-C at any point is safe: each step is redone until it is stamped or checked as complete.
+trap 'echo; echo "[setup] interrupted: nothing is half-used; run bash dev/setup.sh again to finish" >&2; exit 130' INT TERM
 
 # ---------------------------------------------------------------- venv
-if [[ ! -x .venv/bin/python ]]; then
+# A venv whose creation was interrupted has bin/python but no pip: it is made again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  [[ -e .venv ]] && say "removing an incomplete .venv (its creation was interrupted?)"
+  rm -rf .venv
   say "creating .venv with $($PYTHON --version)"
   $PYTHON -m venv .venv
 fi
@@ -30,6 +35,11 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
 # ---------------------------------------------------------------- torch
 if ! "$PY" -c "import torch" 2>/dev/null; then
+  # An install cut short can leave torch's metadata without all its files: pip would call it done.
+  if "$PY" -m pip show -q torch >/dev/null 2>&1; then
+    say "torch is installed but does not import: installing it again"
+    "$PY" -m pip uninstall -q -y torch >/dev/null 2>&1 || true
+  fi
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     say "NVIDIA GPU found: installing the default (CUDA) PyTorch build"
     "${PIP[@]}" "torch>=2.5,<2.15"

@@ -24,6 +24,10 @@ Design choices:
   status 1, no traceback. Loading never writes or deletes anything.
 - Stage directories: base -> base_checkpoints, mid -> mid_checkpoints, sft -> chatsft_checkpoints,
   rl -> chatrl_checkpoints; tags default to the largest `d<depth>` present, steps to the latest.
+- What every training stage shares around its checkpoints: `checkpoint_due` (save at the last
+  step, on SIGTERM / Ctrl-C and every --save_every steps, never the step just resumed from),
+  `every_rank` (each rank's loader position, gathered for the meta), and, for mid/SFT/RL,
+  `load_start_model` (the previous stage's model, or the stage's own checkpoint when resuming).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 
 import torch
@@ -71,8 +76,13 @@ def _damaged(checkpoint_dir: str, step: int, path: str, what: str) -> Checkpoint
 def _load_pt(checkpoint_dir: str, step: int, path: str, device) -> dict:
     if os.path.getsize(path) == 0:
         raise _damaged(checkpoint_dir, step, path, "is empty")
-    try:
-        data = torch.load(path, map_location=device)
+    try:  # weights_only: tensors and plain data, never code (explicit: an environment variable can flip the default)
+        data = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise _damaged(checkpoint_dir, step, path, "is truncated or damaged (UnpicklingError)") from None
+        raise _damaged(checkpoint_dir, step, path, "holds objects other than tensors and plain data (refused: "
+                                                   "loading them could run code)") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError, ImportError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise _damaged(checkpoint_dir, step, path, f"is truncated or damaged ({why})") from None
@@ -101,6 +111,24 @@ def _load_meta(checkpoint_dir: str, step: int, path: str, required: tuple[str, .
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def checkpoint_due(step: int, save_every: int, last_step: bool, stop: bool, resumed_step: int) -> bool:
+    """Whether a training stage saves after `step` steps: at its last step, when it stops early
+    (SIGTERM / Ctrl-C), and every `save_every` steps (<= 0: only those two), but never at the step
+    it resumed from (that checkpoint is on disk already)."""
+    periodic = save_every > 0 and step > 0 and step % save_every == 0
+    return step != resumed_step and (last_step or stop or periodic)
+
+
+def every_rank(state) -> list:
+    """[rank 0's `state`, rank 1's, ...] on every rank: each rank's loader position (any picklable
+    object), gathered for the checkpoint meta so that a resumed run restarts every rank exactly."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, optimizer_data: dict | None,
@@ -263,7 +291,18 @@ def load_start_model(stage: str, source: str, device: torch.device | str, rank: 
     optimizer_data is None unless resuming; checkpoint_dir is where the stage saves; start =
     {"source", "model_tag", "step"} names the model the stage began from, and the stage keeps it
     in its checkpoints' meta (as "start_source") so a resumed run still knows. resume_from_step
-    LATEST (-2) resumes the newest complete checkpoint: meta["step"] says which."""
+    LATEST (-2) resumes the newest complete checkpoint: meta["step"] says which. No checkpoint to
+    start from stops the run with one line, prefixed with the stage's script, naming the command
+    that writes one."""
+    try:
+        return _load_start_model(stage, source, device, rank, model_tag, step, resume_from_step)
+    except FileNotFoundError as e:
+        script = SOURCES[stage][1].split("scripts.")[-1]  # e.g. chat_sft
+        raise StopRun(f"{script}: {e}") from None
+
+
+def _load_start_model(stage: str, source: str, device: torch.device | str, rank: int, model_tag: str,
+                      step: int, resume_from_step: int):
     checkpoints_root = os.path.join(base_dir_path(), SOURCES[stage][0])
     if resume_from_step != -1:
         checkpoint_dir = os.path.join(checkpoints_root, model_tag or find_largest_model(checkpoints_root))

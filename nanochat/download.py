@@ -1,6 +1,6 @@
 """
 Downloads that never keep a damaged file. One helper serves the pretraining shards
-(nanochat/dataset.py), the CORE eval bundle (nanochat/core_eval.py) and the task data
+(nanochat/dataset.py), the CORE eval bundle (nanochat/core_bundle.py) and the task data
 (tasks/common.py).
 
 A file is streamed into `<path>.tmp<pid>_<thread>` and renamed into place only when

@@ -4,6 +4,7 @@ The mapping between a nanochat checkpoint and the Hugging Face format of `transf
 
     hf_dir = export_hf(model, tokenizer, meta, "out/", dtype=torch.float32)   # scripts/hf_export.py
     state_dict, model_config, tokenizer = read_hf_dir("out/")                 # scripts/hf_import.py
+    require_hf_packages("hf_export", "transformers")  # the [hf] extra, or one line saying what to install
 
 What was checked against transformers' modeling_nanochat.py, and how each point maps:
 - Parameter names: `transformer.wte` <-> `model.embed_tokens`, `attn.c_q/c_k/c_v/c_proj` <->
@@ -31,11 +32,13 @@ What was checked against transformers' modeling_nanochat.py, and how each point 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
 import torch
 
+from nanochat.flags import StopRun
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer
 
@@ -74,6 +77,16 @@ CHAT_TEMPLATE = (
 
 class HFFormatError(ValueError):
     """An HF directory this converter cannot map exactly; the message names the file and field."""
+
+
+def require_hf_packages(script: str, *modules: str, note: str = "") -> None:
+    """Import the optional packages `modules` (the [hf] extra), or stop `script` with one line that
+    names the missing one (a missing dependency of theirs included) and how to install it."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise StopRun(f"{script}: {e.name} is not installed: pip install -e '.[hf]'{note}") from None
 
 
 # -----------------------------------------------------------------------------

@@ -4,8 +4,8 @@ head, Muon for the matrices inside the blocks, both data-parallel (ZeRO-2 style)
 ranks run, and `step()`, which reduces, clips, sets the schedules and updates.
 
     optimizers = build(model, cfg)                          # [AdamW, Muon], see GPT.setup_optimizers
-    for micro_step in range(grad_accum_steps):
-        (model(x, y) / grad_accum_steps).backward()         # local gradients add up
+    for _ in range(grad_accum_steps):
+        train_loss += micro_step(model, x, y, grad_accum_steps, compute.autocast)  # local gradients add up
     lrm = lr_multiplier(it, num_iterations)                 # the schedules, below
     grad_norm = step(optimizers, lrm, momentum=muon_momentum(it), grad_clip=1.0)
 
@@ -70,6 +70,18 @@ def build(model, cfg, lr_scale: float = 1.0, states: list[dict] | None = None) -
     for opt, state in zip(optimizers, states or []):
         opt.load_state_dict(state)
     return optimizers
+
+
+def micro_step(model, x: torch.Tensor, y: torch.Tensor, grad_accum_steps: int, autocast) -> torch.Tensor:
+    """Forward and backward of one micro-batch (x, y: (B, T)): the mean loss `model(x, y)` (the
+    model, or any callable (x, y) -> scalar loss) under `autocast()` (compute.autocast), its
+    gradient scaled by 1/grad_accum_steps added to the parameters' .grad, so that the step's
+    gradient is the mean over all its micro-batches. Returns the detached loss / grad_accum_steps:
+    the micro-batches' returns add up to the step's mean train loss."""
+    with autocast():
+        loss = model(x, y)
+    (loss / grad_accum_steps).backward()
+    return loss.detach() / grad_accum_steps
 
 
 @torch.no_grad()

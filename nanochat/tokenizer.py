@@ -18,7 +18,9 @@ Design choices:
   denominator of bits-per-byte. It is computed from the token bytes, never from decoded strings:
   a token that is half of a multi-byte character decodes to U+FFFD (3 bytes) but is 1 or 2 bytes.
 - On disk (`<base dir>/tokenizer/`): `tokenizer.pkl` (the pickled tiktoken.Encoding) and
-  `token_bytes.pt`, each written atomically (temp file + rename).
+  `token_bytes.pt`, each written atomically (temp file + rename). tokenizer.pkl is read with an
+  unpickler that builds a tiktoken.Encoding and nothing else (a pickle can run any code), and a
+  damaged file of either kind stops the script with one line (TokenizerError).
 
 Train one with `python -m scripts.tok_train`, evaluate it with `python -m scripts.tok_eval`.
 Use it:
@@ -37,6 +39,7 @@ import tiktoken
 import torch
 
 from nanochat.common import atomic_write, base_dir_path
+from nanochat.flags import StopRun
 
 # GPT-4's pre-tokenisation regex with digit runs capped at two (\p{N}{1,2}).
 SPLIT_PATTERN = (
@@ -54,6 +57,63 @@ SPECIAL_TOKENS = [
 
 TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+
+
+class TokenizerError(StopRun):
+    """A damaged tokenizer file: the script ends with this one line (exit status 1), no traceback."""
+
+
+class _EncodingState:
+    """What unpickling tokenizer.pkl may build in place of tiktoken.Encoding: a holder of its state.
+    The real Encoding is then made from that state once it is checked to be plain data."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Refused(pickle.UnpicklingError):
+    """tokenizer.pkl asks for something other than tiktoken.Encoding."""
+
+
+class _TokenizerUnpickler(pickle.Unpickler):
+    """pickle.load runs whatever a file asks for; this one allows tiktoken.Encoding and nothing else,
+    so a hostile tokenizer.pkl (os.system, eval, ...) is refused before anything of it runs."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
+        raise _Refused(f"it asks for {module}.{name}, and only a tiktoken Encoding may be in it")
+
+
+def _load_encoding(path: str) -> tiktoken.Encoding:
+    """tokenizer.pkl as written by save() (or the reference), read without running code from it."""
+    def damaged(why: str) -> TokenizerError:
+        return TokenizerError(f"tokenizer: {path} {why}: retrain it with `python -m scripts.tok_train` "
+                              f"(or copy tokenizer.pkl and token_bytes.pt again from where it was trained)")
+    if os.path.getsize(path) == 0:
+        raise damaged("is empty")
+    try:
+        with open(path, "rb") as f:
+            loaded = _TokenizerUnpickler(f).load()
+    except _Refused as e:
+        raise damaged(f"is not a tokenizer ({e})") from None
+    except Exception as e:  # EOFError, ValueError, ...: a truncated or garbled pickle
+        raise damaged(f"is truncated or damaged ({type(e).__name__})") from None
+    state = getattr(loaded, "state", None) if isinstance(loaded, _EncodingState) else None
+    keys = {"name": str, "pat_str": str, "mergeable_ranks": dict, "special_tokens": dict}
+    if not (isinstance(state, dict) and set(state) == set(keys)
+            and all(isinstance(state[k], t) for k, t in keys.items())):
+        raise damaged("does not hold a tiktoken Encoding's name, pattern, ranks and special tokens")
+    plain = all(isinstance(k, bytes) and type(v) is int for k, v in state["mergeable_ranks"].items()) and \
+        all(isinstance(k, str) and type(v) is int for k, v in state["special_tokens"].items())
+    if not plain or "<|bos|>" not in state["special_tokens"]:
+        raise damaged("holds ranks or special tokens that are not bytes/str -> int, or no <|bos|>")
+    try:
+        return tiktoken.Encoding(**state)
+    except BaseException as e:  # tiktoken's Rust core panics (a BaseException) on inconsistent ranks
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise damaged(f"holds a vocabulary tiktoken cannot use ({type(e).__name__})") from None
 
 
 def _import_rustbpe():
@@ -112,9 +172,7 @@ class RustBPETokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train` "
                                     f"(it writes into $NANOCHAT_BASE_DIR/tokenizer)")
-        with open(path, "rb") as f:
-            enc = pickle.load(f)
-        return cls(enc, "<|bos|>")
+        return cls(_load_encoding(path), "<|bos|>")
 
     @classmethod
     def from_pretrained(cls, tiktoken_name: str) -> RustBPETokenizer:
@@ -312,5 +370,13 @@ def get_token_bytes(device: str | torch.device = "cpu") -> torch.Tensor:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token_bytes at {path}: train the tokenizer with `python -m scripts.tok_train` "
                                 f"(it writes tokenizer.pkl and token_bytes.pt)")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device, weights_only=True)
+    try:
+        with open(path, "rb") as f:
+            token_bytes = torch.load(f, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a tensor file at all
+        raise TokenizerError(f"tokenizer: {path} is damaged ({type(e).__name__}): retrain the tokenizer "
+                             f"with `python -m scripts.tok_train`, or copy both tokenizer files again") from None
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.ndim == 1 and not token_bytes.is_floating_point()):
+        raise TokenizerError(f"tokenizer: {path} does not hold a 1-D integer tensor of token lengths: retrain the "
+                             f"tokenizer with `python -m scripts.tok_train`")
+    return token_bytes

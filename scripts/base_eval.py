@@ -24,7 +24,8 @@ import time
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
 from nanochat.common import (atomic_write, base_dir_path, compute_cleanup, compute_init, data_dir_setting,
                              get_base_dir, print0)
-from nanochat.core_eval import BundleError, core_label, evaluate_core, get_eval_bundle_dir, load_bundle, select_tasks
+from nanochat.core_bundle import BundleError, get_eval_bundle_dir, load_bundle, select_tasks
+from nanochat.core_eval import core_label, evaluate_core
 from nanochat.download import DownloadError
 from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
 from nanochat.report import get_report

@@ -20,8 +20,9 @@ gradient accumulation making up the rest (it must divide exactly).
 --compile: -1 = torch.compile on CUDA, off on CPU/MPS (a first compile costs ~1 min and does not
 pay off for tiny models); 0 = off; 1 = on.
 
-One step: grad_accum_steps forward/backward passes, then nanochat.optim.step (average across
-ranks, clip at --grad_clip, LR multiplier and Muon momentum, update), as every stage does it.
+One step: grad_accum_steps forward/backward passes (nanochat.optim.micro_step), then
+nanochat.optim.step (average across ranks, clip at --grad_clip, LR multiplier and Muon momentum,
+update), as every stage does it.
 Every step prints the progress line of nanochat/progress.py (the debiased EMA of the train loss,
 the LR multiplier, step time, tokens/s over the global batch, MFU (n/a when the device's peak is
 unknown), training time and an ETA). Checkpoints
@@ -36,10 +37,10 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from nanochat import memory_plan, optim
-from nanochat.checkpoint_manager import load_checkpoint, resolve_resume_step, save_checkpoint
+from nanochat.checkpoint_manager import (checkpoint_due, every_rank, load_checkpoint, resolve_resume_step,
+                                         save_checkpoint)
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import check_shards
@@ -248,18 +249,12 @@ while True:
             print0(f"  {sample!r}")
         orig_model.train()
 
-    if step != cfg.resume_from_step and (last_step or stop or (cfg.save_every > 0 and step > 0
-                                                               and step % cfg.save_every == 0)):
-        states = [None] * compute.world_size  # every rank's loader position, for an exact resume
-        if compute.ddp:
-            dist.all_gather_object(states, dataloader_state)
-        else:
-            states = [dataloader_state]
+    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
         loop_state = dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=asdict(model_config), user_config=user_config, val_bpb=val_bpb,
                              objective=cfg.objective,
-                             dataloader_state=states, loop_state=loop_state,
+                             dataloader_state=every_rank(dataloader_state), loop_state=loop_state,
                              device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len),
                         rank=compute.rank)
     if stop:
@@ -275,16 +270,14 @@ while True:
     if mdlm:  # the masks of the whole global batch, from the step: the same on resume and any rank count
         rows = cfg.device_batch_size * grad_accum_steps * compute.world_size
         noise_t, noise_u = draw_noise(rows, cfg.max_seq_len, step, device)
-    for micro_step in range(grad_accum_steps):
-        with compute.autocast():
-            if mdlm:
-                first = (compute.rank * grad_accum_steps + micro_step) * cfg.device_batch_size  # global row
-                r = slice(first, first + cfg.device_batch_size)
-                loss = diffusion_loss(model, x, noise_t[r], noise_u[r], mask_id, bos_id)
-            else:
-                loss = model(x, y)
-        train_loss += loss.detach() / grad_accum_steps
-        (loss / grad_accum_steps).backward()  # gradients add up over micro-steps: mean over the batch
+    for micro in range(grad_accum_steps):
+        if mdlm:  # this micro-batch's rows of the global batch's masks
+            first = (compute.rank * grad_accum_steps + micro) * cfg.device_batch_size
+            r = slice(first, first + cfg.device_batch_size)
+            masked_loss = lambda x, y: diffusion_loss(model, x, noise_t[r], noise_u[r], mask_id, bos_id)  # noqa: E731
+            train_loss += optim.micro_step(masked_loss, x, y, grad_accum_steps, compute.autocast)
+        else:
+            train_loss += optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)  # gradients add up: mean
         dataloader_state = x_state  # (x, y) is consumed
         x, y, x_state = next(train_loader)  # the next batch loads while the device works
     lrm = optim.lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)

@@ -32,10 +32,10 @@ import torch
 from nanochat import optim
 from nanochat.chat_evaluation import (all_reduce_sum, collate_masked, generative_outcomes, pass_at_k,
                                       policy_gradient_objective, sample_completions)
-from nanochat.checkpoint_manager import load_start_model, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_due, load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.engine import Engine
-from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
+from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
@@ -94,11 +94,8 @@ report = get_report()
 # Model: the sft checkpoint, or our own when resuming
 
 resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
-try:
-    model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-        "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
-except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise StopRun(f"chat_rl: {e}") from None
+model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+    "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if there is none
 if resuming:
     cfg.resume_from_step = meta["step"]  # `latest` resolved
 model_config = meta["model_config"]
@@ -175,8 +172,7 @@ while True:
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in passk.items()))
         wandb_run.log({"step": step, **{f"val/{k}": v for k, v in passk.items()}})
 
-    if step != cfg.resume_from_step and (last_step or stop
-                                         or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
+    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
         save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, start_source=start_source,
                              passk=passk, loop_state=dict(passk=passk, **progress_line.state())),

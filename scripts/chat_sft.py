@@ -25,8 +25,9 @@ target_examples_per_step / (device_batch_size · world_size) fwd/bwd passes (mus
 
 Horizon: --num_epochs passes (--num_iterations > 0 overrides). LR: base LR · --init_lr_frac (0.02),
 linear to zero over the run; Muon's momentum stays 0.95 and there is no gradient clipping unless
---grad_clip > 0 (as the reference). The update is nanochat.optim.step, the same as every stage's;
-each step prints the progress line of nanochat/progress.py (loss = the step's own train loss).
+--grad_clip > 0 (as the reference). The micro-batches go through nanochat.optim.micro_step, the
+update is nanochat.optim.step, as in every stage; each step prints the progress line of
+nanochat/progress.py (loss = the step's own train loss).
 Every --eval_every steps: val loss on --eval_steps batches; every --eval_metrics_every steps and at
 the end: MMLU and ARC-Easy accuracy on at most --eval_metrics_max_problems questions (categorical
 evaluation, as chat_eval does it).
@@ -36,13 +37,12 @@ Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat import memory_plan, optim
 from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, run_categorical_eval
-from nanochat.checkpoint_manager import load_start_model, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_due, every_rank, load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
-from nanochat.flags import FlagError, StopRun, parse_flags, print_flags
+from nanochat.flags import FlagError, parse_flags, print_flags
 from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
@@ -107,11 +107,8 @@ report = get_report()
 # Model: the mid (or base) checkpoint, or our own when resuming
 
 resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
-try:
-    model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-        "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
-except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise StopRun(f"chat_sft: {e}") from None
+model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+    "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if there is none
 if resuming:
     cfg.resume_from_step = meta["step"]  # `latest` resolved
 if resuming and len(meta["dataloader_state"]) != compute.world_size:
@@ -232,16 +229,10 @@ while True:
         wandb_run.log({"step": step, **{f"val/{name}_acc": acc for name, acc in metrics.items()}})
         model.train()
 
-    if step != cfg.resume_from_step and (last_step or stop
-                                         or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
-        states = [None] * compute.world_size
-        if compute.ddp:
-            dist.all_gather_object(states, dataloader_state)
-        else:
-            states = [dataloader_state]
+    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
         save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, val_loss=val_loss, metrics=metrics,
-                             start_source=start_source, dataloader_state=states,
+                             start_source=start_source, dataloader_state=every_rank(dataloader_state),
                              loop_state=dict(val_loss=val_loss, metrics=metrics, **progress_line.state())),
                         rank=compute.rank)
     if stop:
@@ -253,12 +244,9 @@ while True:
     # one optimiser step over target_examples_per_step conversations
     t0 = time.time()
     train_loss, num_tokens, num_processed = 0.0, 0, 0
-    for micro_step in range(grad_accum_steps):
+    for _ in range(grad_accum_steps):
         x, y, dataloader_state = next(train_loader)
-        with compute.autocast():
-            loss = model(x, y)  # mean over this batch's trained (target != -1) tokens
-        train_loss += loss.detach() / grad_accum_steps
-        (loss / grad_accum_steps).backward()
+        train_loss += optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)  # loss: mean over target != -1
         num_tokens += int((y >= 0).sum())
         num_processed += y.numel()  # padding included: the work the device did
     lrm = optim.lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)

@@ -36,17 +36,14 @@ parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"
 parser.add_argument("--no_verify", action="store_true", help="skip loading the export back with transformers")
 args = parser.parse_args()
 
-try:
-    import safetensors  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as e:
-    sys.exit(f"hf_export: {e.name} is not installed: pip install -e '.[hf]' (transformers>=5, safetensors)")
-
 import torch  # noqa: E402
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model  # noqa: E402
 from nanochat.common import get_base_dir  # noqa: E402
-from nanochat.hf_convert import export_hf, verify_export  # noqa: E402
+from nanochat.hf_convert import export_hf, require_hf_packages, verify_export  # noqa: E402
+
+require_hf_packages("hf_export", "safetensors", "transformers", note=" (transformers>=5, safetensors)")
+import transformers  # noqa: E402
 
 try:
     model, tokenizer, meta = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag, step=args.step)

@@ -80,12 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
 
-    try:
-        import accelerate  # noqa: F401  (the Trainer needs it)
-        import transformers
-    except ImportError as e:
-        sys.exit(f"hf_finetune: {e.name} is not installed: pip install -e '.[hf]'")
-    from nanochat.hf_convert import EXPORT_META_FILE, HFFormatError, save_as_checkpoint, tokenizer_from_hf
+    from nanochat.hf_convert import (EXPORT_META_FILE, HFFormatError, require_hf_packages, save_as_checkpoint,
+                                     tokenizer_from_hf)
+    require_hf_packages("hf_finetune", "accelerate", "transformers")  # the Trainer needs accelerate
+    import transformers
     from tasks.customjson import CustomJSON
 
     try:

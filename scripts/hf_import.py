@@ -26,13 +26,9 @@ parser.add_argument("--step", type=int, default=None, help="checkpoint step (def
 parser.add_argument("--overwrite", action="store_true", help="replace a different tokenizer / the same step")
 args = parser.parse_args()
 
-try:
-    import safetensors  # noqa: F401
-    import tokenizers  # noqa: F401
-except ImportError as e:
-    sys.exit(f"hf_import: {e.name} is not installed: pip install -e '.[hf]'")
+from nanochat.hf_convert import HFFormatError, require_hf_packages, save_as_checkpoint  # noqa: E402
 
-from nanochat.hf_convert import HFFormatError, save_as_checkpoint  # noqa: E402
+require_hf_packages("hf_import", "safetensors", "tokenizers")
 
 try:
     checkpoint_dir, step, info = save_as_checkpoint(args.hf_dir, args.source, args.model_tag, args.step, args.overwrite)

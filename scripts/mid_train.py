@@ -32,7 +32,8 @@ rank agrees on the LR and on when to stop); --num_iterations > 0 stops after tha
 LR: initial LR = base LR · --init_lr_frac, constant, then linear decay to 0 over the last 20% of
 progress (nanochat.optim.lr_multiplier, the base schedule: it only ever decays). Muon momentum
 ramps 0.85 -> 0.95 over 300 steps; no gradient clipping unless --grad_clip > 0 (as the reference).
-The update is nanochat.optim.step, the same as every stage's. Val bits-per-byte every --eval_every steps and at the end.
+The micro-batches go through nanochat.optim.micro_step, the update is nanochat.optim.step, as in
+every stage. Val bits-per-byte every --eval_every steps and at the end.
 Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (same tag as the base model by default).
 """
 
@@ -42,10 +43,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat import memory_plan, optim
-from nanochat.checkpoint_manager import load_start_model, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_due, every_rank, load_start_model, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import conversation_batches
-from nanochat.flags import FlagError, StopRun, parse_flags, print_flags, token_batch_plan
+from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
@@ -107,11 +108,8 @@ report = get_report()
 # Model: the base checkpoint (or our own, when resuming)
 
 resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
-try:
-    model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-        "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)
-except FileNotFoundError as e:  # the message says which command writes the checkpoint
-    raise StopRun(f"mid_train: {e}") from None
+model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
+    "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if there is none
 if resuming:
     cfg.resume_from_step = meta["step"]  # `latest` resolved
 if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len
@@ -228,17 +226,12 @@ while True:
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
 
-    if step != cfg.resume_from_step and (last_step or stop
-                                         or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)):
-        states = [None] * compute.world_size  # every rank's stream position
-        if compute.ddp:
-            dist.all_gather_object(states, dataloader_state)
-        else:
-            states = [dataloader_state]
+    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
         loop_state = dict(progress=progress, min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=model_config, user_config=user_config, val_bpb=val_bpb,
-                             start_source=start_source, dataloader_state=states, loop_state=loop_state),
+                             start_source=start_source, dataloader_state=every_rank(dataloader_state),
+                             loop_state=loop_state),
                         rank=compute.rank)
     if stop:
         preemption.exit(step, checkpoint_dir, wandb_run)
@@ -251,11 +244,8 @@ while True:
     t0 = time.time()
     lrm = get_lr_multiplier(step, progress)
     train_loss = 0.0
-    for micro_step in range(grad_accum_steps):
-        with compute.autocast():
-            loss = model(x, y)
-        train_loss += loss.detach() / grad_accum_steps
-        (loss / grad_accum_steps).backward()
+    for _ in range(grad_accum_steps):
+        train_loss += optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)
         dataloader_state, data_progress = x_state, x_progress  # (x, y) is consumed
         x, y, x_state, x_progress = next(train_loader)
     optim.step(optimizers, lrm, momentum=optim.muon_momentum(step), grad_clip=cfg.grad_clip)

@@ -39,9 +39,6 @@ class ARC(Task):
         rows = load_rows(f"arc/{subset}/{split}.jsonl", ("allenai/ai2_arc", subset, split), data_dir, _check_row)
         self.rows = ShuffledRows(rows)  # the reference's shuffle(seed=42) order
 
-    def num_rows(self) -> int:
-        return len(self.rows)
-
     def row_example(self, row_index: int) -> dict:
         row = self.rows[row_index]
         letters = list(row["choices"]["label"])

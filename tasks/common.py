@@ -7,7 +7,8 @@ Design choices:
   Python slice would, so `GSM8K(split="test", stop=100)` is the first 100 problems and
   `ARC(..., start=rank, step=world_size)` is one rank's share. `num_examples()` counts the view;
   `get_example(i)` maps view index i to row `start + i * step`. Subclasses only say how many rows
-  there are (`num_rows`) and how to turn one into a conversation (`row_example`).
+  there are (`num_rows`; by default `len(self.rows)`) and how to turn one into a conversation
+  (`row_example`). Shared checks: `check_split` (train | test), `check_messages` (role order).
 - A conversation is `{"messages": [{"role": ..., "content": ...}, ...], ...extra fields}`, the
   format `tokenizer.render_conversation` takes. Categorical tasks add `"letters"`: the answers a
   model may give, so chat_eval can take the argmax over just those letters' logits.
@@ -53,7 +54,8 @@ HF_URL = "https://huggingface.co"
 
 
 class Task:
-    """A logical view (start/stop/step) over rows; subclasses define num_rows and row_example."""
+    """A logical view (start/stop/step) over rows; subclasses define row_example, and num_rows
+    unless they keep their rows as the sequence `self.rows`."""
 
     eval_type = "generative"  # 'categorical' (answer = one of example["letters"]) or 'generative'
 
@@ -66,7 +68,7 @@ class Task:
     # what subclasses implement
     def num_rows(self) -> int:
         """Number of rows in the underlying data, ignoring the view."""
-        raise NotImplementedError
+        return len(self.rows)
 
     def row_example(self, row_index: int) -> dict:
         """The conversation for underlying row `row_index`."""
@@ -161,6 +163,12 @@ def check_messages(messages, where: str) -> None:
             raise ValueError(f"{where}: message {i} must be an object with a string 'content'")
     if error := role_order_error([message.get("role") for message in messages], last="assistant"):
         raise ValueError(f"{where}: {error}")
+
+
+def check_split(task: str, split: str) -> None:
+    """Raise ValueError unless `split` is one of the two splits, "train" or "test"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"{task} split must be 'train' or 'test', got {split!r}")
 
 
 # -----------------------------------------------------------------------------

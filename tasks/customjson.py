@@ -52,8 +52,5 @@ class CustomJSON(Task):
         self.filepath = filepath
         self.rows = read_jsonl(filepath, _check_row)
 
-    def num_rows(self) -> int:
-        return len(self.rows)
-
     def row_example(self, row_index: int) -> dict:
         return {"messages": _messages(self.rows[row_index])}

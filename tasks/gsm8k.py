@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.common import ShuffledRows, Task, load_rows
+from tasks.common import ShuffledRows, Task, check_split, load_rows
 
 ANSWER_RE = re.compile(r"####\s*(-?[0-9.,]+)")
 TOOL_RE = re.compile(r"(<<[^<>]*>>)")
@@ -62,13 +62,9 @@ class GSM8K(Task):
 
     def __init__(self, split: str, data_dir: str | None = None, **view):
         super().__init__(**view)
-        if split not in ("train", "test"):
-            raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+        check_split("GSM8K", split)
         rows = load_rows(f"gsm8k/{split}.jsonl", ("openai/gsm8k", "main", split), data_dir, _check_row)
         self.rows = ShuffledRows(rows)  # the reference's shuffle(seed=42) order
-
-    def num_rows(self) -> int:
-        return len(self.rows)
 
     def row_example(self, row_index: int) -> dict:
         row = self.rows[row_index]

@@ -104,9 +104,6 @@ class HumanEval(Task):
                          data_dir, _check_row)
         self.rows = ShuffledRows(rows)  # the reference's shuffle(seed=42) order
 
-    def num_rows(self) -> int:
-        return len(self.rows)
-
     def row_example(self, row_index: int) -> dict:
         row = self.rows[row_index]
         # the reference's training target: the prompt, a newline, the canonical body

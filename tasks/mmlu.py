@@ -47,9 +47,6 @@ class MMLU(Task):
         self.subset = subset
         self.rows = ShuffledRows(load_rows(local, hf, data_dir, _check_row))  # the reference's shuffle(seed=42) order
 
-    def num_rows(self) -> int:
-        return len(self.rows)
-
     def row_example(self, row_index: int) -> dict:
         row = _unwrap(self.rows[row_index])
         user = render_mc(row["question"], LETTERS, row["choices"])

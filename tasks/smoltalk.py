@@ -20,7 +20,7 @@ from __future__ import annotations
 import glob
 import os
 
-from tasks.common import ShuffledRows, Task, check_messages, get_data_dir, load_rows, read_jsonl
+from tasks.common import ShuffledRows, Task, check_messages, check_split, get_data_dir, load_rows, read_jsonl
 
 TEST_EVERY = 20  # local stand-in: conversation i is in the test split when i % 20 == 0
 
@@ -34,8 +34,7 @@ class SmolTalk(Task):
 
     def __init__(self, split: str, data_dir: str | None = None, **view):
         super().__init__(**view)
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split must be 'train' or 'test', got {split!r}")
+        check_split("SmolTalk", split)
         local_dir = get_data_dir(data_dir)
         if local_dir is None:
             self.rows = ShuffledRows(load_rows(None, ("HuggingFaceTB/smol-smoltalk", "default", split), None, _check_row))
@@ -47,9 +46,6 @@ class SmolTalk(Task):
         rows = [row for path in paths for row in read_jsonl(path, _check_row)]
         keep_test = split == "test"
         self.rows = ShuffledRows([row for i, row in enumerate(rows) if (i % TEST_EVERY == 0) == keep_test])
-
-    def num_rows(self) -> int:
-        return len(self.rows)
 
     def row_example(self, row_index: int) -> dict:
         return {"messages": self.rows[row_index]["messages"]}

@@ -29,7 +29,7 @@ import random
 
 from nanochat.common import file_lock, get_base_dir
 from nanochat.download import download_file
-from tasks.common import Task, get_data_dir
+from tasks.common import Task, check_split, get_data_dir
 from tasks.gsm8k import extract_answer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -112,23 +112,22 @@ def _seed(index: int, split: str) -> int:
     return index if split == "train" else -(index + 1)  # test seeds never collide with train's
 
 
-def _check_split(name: str, split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"{name} split must be 'train' or 'test', got {split!r}")
-
-
-class SpellingBee(Task):
+class _WordTask(Task):
+    """`size` examples generated from the word list, example i from the seed _seed(i, split)."""
     eval_type = "generative"
 
     def __init__(self, size: int = 1000, split: str = "train", word_list: str | None = None,
                  data_dir: str | None = None, **view):
         super().__init__(**view)
-        _check_split("SpellingBee", split)
+        check_split(type(self).__name__, split)
         self.size, self.split = size, split
         self.words = load_words(word_list, data_dir)
 
     def num_rows(self) -> int:
         return self.size
+
+
+class SpellingBee(_WordTask):
 
     def row_example(self, row_index: int) -> dict:
         rng = random.Random(_seed(row_index, self.split))
@@ -170,19 +169,12 @@ class SpellingBee(Task):
         return int(predicted is not None and predicted == reference)
 
 
-class SimpleSpelling(Task):
-    eval_type = "generative"
+class SimpleSpelling(_WordTask):
 
     def __init__(self, size: int = 1000, split: str = "train", word_list: str | None = None,
                  data_dir: str | None = None, **view):
-        super().__init__(**view)
-        _check_split("SimpleSpelling", split)
-        self.size, self.split = size, split
-        self.words = load_words(word_list, data_dir)
+        super().__init__(size, split, word_list, data_dir, **view)
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee's
-
-    def num_rows(self) -> int:
-        return self.size
 
     def row_example(self, row_index: int) -> dict:
         word = random.Random(_seed(row_index, self.split)).choice(self.words)

@@ -3,6 +3,7 @@ Tests for nanochat/checkpoint_manager.py: round trips, finding tags and steps, a
 a real child process is SIGKILLed in the middle of a save (by the parent while a large tensor is
 being written, or by itself at a chosen point), and the previous checkpoint must stay the latest
 one and load intact, while the partial one is ignored and cleaned up by the next save.
+Also when a stage saves (checkpoint_due), and every_rank on one process (2 ranks: the resume tests).
 """
 
 import json
@@ -169,3 +170,18 @@ def test_build_and_load_model(base_dir_with_tokenizer):
     cm.save_checkpoint(str(root / "d9"), 1, other.state_dict(), None, {"model_config": asdict(other_config)})
     with pytest.raises(ValueError, match="600"):
         cm.load_model("base", "cpu", "eval")
+
+
+def test_checkpoint_due_at_the_end_on_stop_and_every_n_but_never_the_resumed_step():
+    def due(step, **kw):
+        return cm.checkpoint_due(step, **{"save_every": 3, "last_step": False, "stop": False, "resumed_step": -1, **kw})
+    assert [s for s in range(8) if due(s)] == [3, 6]  # not step 0
+    assert [s for s in range(8) if due(s, save_every=-1)] == []
+    assert due(5, last_step=True) and due(5, stop=True) and due(0, last_step=True)
+    assert not due(6, resumed_step=6) and not due(4, resumed_step=4, last_step=True)  # already on disk
+    assert not due(2, resumed_step=2, stop=True)
+
+
+def test_every_rank_on_one_process_is_a_list_of_its_state():
+    state = {"epoch": 1, "index": 7}
+    assert cm.every_rank(state) == [state]

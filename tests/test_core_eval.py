@@ -1,9 +1,10 @@
 """
-Tests for nanochat/core_eval.py: prompt rendering against hand-written strings, token spans and
-left-cropping, the scorer with an oracle model (accuracy 1.0) and a uniform one (chance, ties to the
-first choice), batch-size and 2-rank invariance, bundle validation errors, and the bundle download
-from a local HTTP server (good zip, corrupt zip, two concurrent downloaders; an endless body, a
-trickle, garbage in the middle, a dropped connection, Ctrl-C in a real subprocess).
+Tests for nanochat/core_eval.py and nanochat/core_bundle.py: prompt rendering against hand-written
+strings, token spans and left-cropping, the scorer with an oracle model (accuracy 1.0) and a
+uniform one (chance, ties to the first choice), batch-size and 2-rank invariance, bundle validation
+errors, and the bundle download from a local HTTP server (good zip, corrupt zip, two concurrent
+downloaders; an endless body, a trickle, garbage in the middle, a dropped connection, Ctrl-C in a
+real subprocess).
 """
 
 import http.server
@@ -22,10 +23,10 @@ import torch.multiprocessing as mp
 
 from conftest import REPO_ROOT
 from misbehaving_server import MisbehavingServer, interrupt_mid_download
-from nanochat import core_eval
-from nanochat.core_eval import (BundleError, crop_left, evaluate_core, evaluate_task, load_bundle, load_task_data,
-                                prepare_item, render_prompts_lm, render_prompts_mc, render_prompts_schema,
-                                tokenize_example)
+from nanochat import core_bundle
+from nanochat.core_bundle import BundleError, load_bundle, load_task_data
+from nanochat.core_eval import (crop_left, evaluate_core, evaluate_task, prepare_item, render_prompts_lm,
+                                render_prompts_mc, render_prompts_schema, tokenize_example)
 from nanochat.download import DownloadError
 
 
@@ -364,7 +365,7 @@ def test_bundle_errors_name_file_and_line(bundle, monkeypatch):
         load_bundle(str(bundle))
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
     with pytest.raises(BundleError, match="NANOCHAT_EVAL_BUNDLE=.*no core.yaml there"):
-        core_eval.get_eval_bundle_dir()
+        core_bundle.get_eval_bundle_dir()
 
 
 def test_bad_rows_name_file_and_line(bundle):
@@ -430,7 +431,7 @@ def test_download_bundle_once_with_two_downloaders(sample_data, tmp_path, base_d
     server = _Server(_zip_of(sample_data / "core_sample", tmp_path))
     try:
         got = []
-        threads = [threading.Thread(target=lambda: got.append(core_eval.get_eval_bundle_dir(url=server.url)))
+        threads = [threading.Thread(target=lambda: got.append(core_bundle.get_eval_bundle_dir(url=server.url)))
                    for _ in range(2)]
         for t in threads:
             t.start()
@@ -440,7 +441,7 @@ def test_download_bundle_once_with_two_downloaders(sample_data, tmp_path, base_d
     finally:
         server.close()
     assert len(load_bundle(got[0])) == 5  # and later calls need no network at all
-    assert core_eval.get_eval_bundle_dir(url=server.url) == got[0]
+    assert core_bundle.get_eval_bundle_dir(url=server.url) == got[0]
     assert sorted(os.listdir(base_dir)) == ["eval_bundle", "eval_bundle.lock"]
 
 
@@ -452,7 +453,7 @@ def test_corrupt_zip_is_discarded(sample_data, tmp_path, base_dir, monkeypatch):
         server = _Server(payload)
         try:
             with pytest.raises(RuntimeError, match="could not download"):
-                core_eval.download_eval_bundle(server.url, str(base_dir / "eval_bundle"), attempts=1)
+                core_bundle.download_eval_bundle(server.url, str(base_dir / "eval_bundle"), attempts=1)
         finally:
             server.close()
         assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]  # no bundle, zip or temp folder left
@@ -476,21 +477,21 @@ def test_bundle_download_has_a_size_cap_and_a_deadline_and_keeps_no_damage(bad_s
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_MAX_MB", "2")
     bad_server.plan = {"eval_bundle.zip": ["endless"]}
     with pytest.raises(DownloadError, match=r"^eval_bundle.zip: .* sends more than the 2 MB cap for one file"):
-        core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir)
+        core_bundle.download_eval_bundle(bad_server.zip_url, bundle_dir)
     assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]
     monkeypatch.delenv("NANOCHAT_DOWNLOAD_MAX_MB")
 
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_DEADLINE", "1")
     bad_server.plan = {"eval_bundle.zip": ["trickle"]}
     with pytest.raises(DownloadError, match=r"^eval_bundle.zip: .* did not finish within its deadline of 1 s"):
-        core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir)
+        core_bundle.download_eval_bundle(bad_server.zip_url, bundle_dir)
     assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock"]
     monkeypatch.delenv("NANOCHAT_DOWNLOAD_DEADLINE")
 
     # garbage in the middle (the zip directory at the end intact: caught by the CRCs), a dropped
     # connection: both retried, then the good zip is unpacked
     bad_server.plan = {"eval_bundle.zip": ["corrupt_middle", "truncate"]}
-    assert core_eval.download_eval_bundle(bad_server.zip_url, bundle_dir) == bundle_dir
+    assert core_bundle.download_eval_bundle(bad_server.zip_url, bundle_dir) == bundle_dir
     assert len(load_bundle(bundle_dir)) == 5 and bad_server.requests == ["eval_bundle.zip"] * 5
     assert sorted(os.listdir(base_dir)) == ["eval_bundle", "eval_bundle.lock"]
 
@@ -498,7 +499,7 @@ def test_bundle_download_has_a_size_cap_and_a_deadline_and_keeps_no_damage(bad_s
 def test_ctrl_c_during_the_bundle_download_leaves_nothing(bad_server, base_dir):
     bad_server.trickle_s = 30
     bad_server.plan = {"eval_bundle.zip": ["trickle"]}
-    code = ("from nanochat.core_eval import download_eval_bundle\n"
+    code = ("from nanochat.core_bundle import download_eval_bundle\n"
             f"download_eval_bundle({bad_server.zip_url!r}, {str(base_dir / 'eval_bundle')!r})")
     temp_files = lambda: [f for f in os.listdir(base_dir) if f != "eval_bundle.lock"]
     # timed until the temp file is gone: the exit after it unloads torch, slow on a busy machine

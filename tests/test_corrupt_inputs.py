@@ -6,6 +6,10 @@ exit status 1, no traceback, nothing on disk changed.
   model_*.pt, a truncated optim_*_rank*.pt, a meta_*.json that is garbage, empty, a JSON list or
   lacks its keys. In-process for every case; then every stage that loads a checkpoint, as a real
   subprocess, on a truncated model file.
+- Tokenizer files (nanochat/tokenizer.py): tokenizer.pkl empty, truncated, random, another object,
+  a hostile pickle (os.system, eval: refused before anything runs, with a control showing that
+  plain pickle.load would run them), no <|bos|>; token_bytes.pt truncated, random, of the wrong
+  kind. In-process, then stages of each kind as real subprocesses on the hostile pickle.
 - Pretraining shards (nanochat/dataset.py): truncated, random bytes, empty, no `text` column, in
   the train or the val split, caught by base_train before step 0 and by base_loss; a shard whose
   footer is intact but whose data pages are garbage is caught when its row group is read.
@@ -39,6 +43,8 @@ CHECKPOINT_CASES = {  # name -> (file of step 2, how to damage it, what the mess
     "model truncated": ("model_000002.pt", truncate, "truncated or damaged"),
     "model empty": ("model_000002.pt", lambda p: p.write_bytes(b""), "is empty"),
     "optim truncated": ("optim_000002_rank0.pt", truncate, "truncated or damaged"),
+    "model hostile": ("model_000002.pt", lambda p: p.write_bytes(__import__("pickle").dumps(_Hostile(f"touch {p.parent}/pwned"))),
+                      "holds objects other than tensors"),
     "meta garbage": ("meta_000002.json", lambda p: p.write_bytes(os.urandom(200)), "not valid JSON"),
     "meta empty": ("meta_000002.json", lambda p: p.write_text(""), "is empty"),
     "meta a list": ("meta_000002.json", lambda p: p.write_text("[1, 2]"), "JSON list"),
@@ -193,3 +199,117 @@ def test_stage_stops_on_a_damaged_val_shard_before_step_0(module, base_dir_with_
     assert "shard_00002.parquet is not a readable parquet file" in out.stderr, out.stderr[-2000:]
     assert "step 00001" not in out.stdout  # stopped before the first step
     assert snapshot(base) == before
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer files: tokenizer.pkl is a pickle, and a pickle can run any code when loaded
+
+
+class _Hostile:
+    """Pickles to a call of os.system: loading it with plain pickle.load runs the command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def tokenizer_pickle_cases(sentinel):
+    import pickle
+
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    return {  # name -> (bytes of tokenizer.pkl, what the message says)
+        "empty": (b"", "is empty"),
+        "truncated": (None, "truncated or damaged"),
+        "random bytes": (os.urandom(512), "truncated or damaged"),
+        "a dict": (pickle.dumps({"name": "x"}), "does not hold a tiktoken Encoding"),
+        "os.system": (pickle.dumps(_Hostile(f"touch {sentinel}")), "asks for posix.system"),
+        "eval": (b"cbuiltins\neval\n(V__import__('os').system('touch " + str(sentinel).encode() + b"')\ntR.",
+                 "asks for builtins.eval"),
+        "no <|bos|>": (pickle.dumps(tiktoken.Encoding(name="x", pat_str=r"\w+|\s+", mergeable_ranks=ranks,
+                                                      special_tokens={"<|endoftext|>": 256})), "no <|bos|>"),
+        "well formed": (pickle.dumps(tiktoken.Encoding(name="x", pat_str=r"\w+|\s+", mergeable_ranks=ranks,
+                                                       special_tokens={"<|bos|>": 256})), None),  # the control
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "random bytes", "a dict", "os.system", "eval", "no <|bos|>"])
+def test_damaged_or_hostile_tokenizer_pkl_is_one_line_and_runs_nothing(case, tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    from nanochat.tokenizer import RustBPETokenizer, TokenizerError
+    sentinel = tmp_path / "pwned"
+    directory = tmp_path / "tokenizer"
+    shutil.copytree(tiny_tokenizer_dir, directory)
+    path = directory / "tokenizer.pkl"
+    data, says = tokenizer_pickle_cases(sentinel)[case]
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if data is None else data)
+    with pytest.raises(TokenizerError) as info:
+        RustBPETokenizer.from_directory(str(directory))
+    message = str(info.value.code)
+    assert "\n" not in message and str(path) in message and says in message and "tok_train" in message, message
+    assert not sentinel.exists()
+
+
+def test_the_hostile_pickles_do_run_code_when_loaded_plainly(tmp_path):
+    """The control for the cases above: plain pickle.load of the same bytes creates the sentinel,
+    and a well-formed Encoding with <|bos|> passes the checks."""
+    import pickle
+
+    from nanochat.tokenizer import RustBPETokenizer
+    sentinel = tmp_path / "pwned"
+    cases = tokenizer_pickle_cases(sentinel)
+    for case in ("os.system", "eval"):
+        pickle.loads(cases[case][0])
+        assert sentinel.exists(), case
+        sentinel.unlink()
+    (tmp_path / "tokenizer.pkl").write_bytes(cases["well formed"][0])
+    assert RustBPETokenizer.from_directory(str(tmp_path)).encode("ab") == [97, 98]
+
+
+@pytest.mark.parametrize("case", ["truncated", "random bytes", "a float tensor", "a dict"])
+def test_damaged_token_bytes_is_one_line(case, base_dir_with_tokenizer):
+    from nanochat.tokenizer import TokenizerError, get_token_bytes
+    path = base_dir_with_tokenizer / "tokenizer" / "token_bytes.pt"
+    if case == "truncated":
+        truncate(path)
+    elif case == "random bytes":
+        path.write_bytes(os.urandom(1000))
+    else:
+        torch.save(torch.zeros(512) if case == "a float tensor" else {"a": torch.ones(2)}, path)
+    with pytest.raises(TokenizerError) as info:
+        get_token_bytes()
+    message = str(info.value.code)
+    assert "\n" not in message and str(path) in message and "tok_train" in message, message
+
+
+TOKENIZER_STAGES = [  # a stage of each kind that reads the tokenizer, on a hostile tokenizer.pkl
+    ["scripts.base_train", "--device_type=cpu", "--depth=2", "--num_iterations=1"],
+    ["scripts.base_loss", "--device_type=cpu"],
+    ["scripts.chat_cli", "-i", "base", "-p", "hi", "--device_type=cpu"],
+    ["scripts.chat_web", "-i", "base", "--device_type=cpu", "--port=0"],
+    ["scripts.tok_eval"],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", TOKENIZER_STAGES, ids=[a[0] for a in TOKENIZER_STAGES])
+def test_every_stage_refuses_a_hostile_tokenizer_with_one_line(argv, base_dir_with_tokenizer, tiny_tokenizer,
+                                                               pretrain_shards, tmp_path):
+    base = base_dir_with_tokenizer
+    copy_pretrain_shards(pretrain_shards, base)
+    save_tiny(base / "base_checkpoints" / "d2", tiny_tokenizer.get_vocab_size(), steps=(1,))
+    sentinel = tmp_path / "pwned"
+    pkl = base / "tokenizer" / "tokenizer.pkl"
+    pkl.write_bytes(tokenizer_pickle_cases(sentinel)["os.system"][0])
+    before = snapshot(base)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env.pop("NANOCHAT_PRETRAIN_DIR", None)
+    out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "tokenizer.pkl" in line]
+    assert len(lines) == 1 and "asks for posix.system" in lines[0], out.stderr[-2000:]
+    assert not sentinel.exists() and snapshot(base) == before

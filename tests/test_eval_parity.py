@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from nanochat.core_eval import (BundleError, core_label, evaluate_core, evaluate_task, load_task_data,
-                                max_positions, prepare_item)
+from nanochat.core_bundle import BundleError, load_task_data
+from nanochat.core_eval import core_label, evaluate_core, evaluate_task, max_positions, prepare_item
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.arc import ARC
 from tasks.common import TaskMixture, hf_shuffle_order, read_jsonl

@@ -7,13 +7,15 @@ Tests for nanochat/optim.py on one process (the
   output lie in the quintic's band around 1; the output is close to U·Vᵀ of the SVD.
 - Muon equals a hand-written reference (Nesterov momentum, orthogonalised update, aspect-ratio
   scale) over several steps with a changing momentum.
-- Gradient accumulation: one micro-batch of 4 rows equals 2 micro-batches of 2 (loss / 2 each) for
-  one full update with both optimisers and clipping.
+- Gradient accumulation (micro_step): one micro-batch of 4 rows equals 2 micro-batches of 2 (loss
+  / 2 each) for one full update with both optimisers and clipping, and the step's train loss is
+  the whole batch's mean loss.
 - clip_grad_norm equals torch.nn.utils.clip_grad_norm_ (clipping and not clipping).
 - state_dict / load_state_dict: a run interrupted and resumed equals the uninterrupted run.
 - bench/train.py runs end to end on a tiny config.
 """
 
+import contextlib
 import copy
 import re
 
@@ -182,10 +184,14 @@ def test_muon_rejects_non_matrices():
 # The training step: accumulation, clipping, state
 
 
-def train_step(model, optimizers, batches, max_norm=None):
-    """One optimiser step over micro-batches, the way every training script does it."""
+def train_step(model, optimizers, batches, max_norm=None, losses=None):
+    """One optimiser step over micro-batches, the way every training script does it; the step's
+    train loss (the sum of what micro_step returns) is appended to `losses`."""
+    train_loss = 0.0
     for x, y in batches:
-        (model(x, y) / len(batches)).backward()
+        train_loss += optim.micro_step(model, x, y, len(batches), contextlib.nullcontext)
+    if losses is not None:
+        losses.append(train_loss.item())
     return optim.step(optimizers, 1.0, grad_clip=max_norm or 0.0)
 
 
@@ -194,10 +200,12 @@ def test_grad_accumulation_4x1_equals_2x2():
     x = torch.randint(0, 97, (4, 16))
     y = torch.randint(0, 97, (4, 16))
     one, two = tiny_gpt(), tiny_gpt()
-    norms = []
+    norms, losses = [], []
     for model, batches in [(one, [(x, y)]), (two, [(x[:2], y[:2]), (x[2:], y[2:])])]:
         optimizers = model.setup_optimizers()
-        norms.append(train_step(model, optimizers, batches, max_norm=0.5))
+        norms.append(train_step(model, optimizers, batches, max_norm=0.5, losses=losses))
+    assert losses[0] == pytest.approx(tiny_gpt()(x, y).item(), rel=1e-6)  # the mean loss of the whole batch
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # micro-batch means, averaged
     assert norms[0].item() > 0.5  # clipping was active
     assert norms[0].item() == pytest.approx(norms[1].item(), rel=1e-5)
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
@@ -288,7 +296,8 @@ def stage_default(path, flag: str):
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_stage_takes_the_one_step_and_clips_by_flag(stage):
     """Every training script updates through nanochat.optim.step with its --grad_clip flag, and
-    writes no update logic of its own (no reduce, clip, lr/momentum assignment or opt.step())."""
+    writes no update logic of its own (no reduce, clip, lr/momentum assignment or opt.step()); the
+    next-token stages accumulate through optim.micro_step."""
     from conftest import REPO_ROOT
     path = REPO_ROOT / "scripts" / f"{stage}.py"
     source = path.read_text()
@@ -302,6 +311,10 @@ def test_every_stage_takes_the_one_step_and_clips_by_flag(stage):
     assert stage_default(path, "grad_clip") == STAGES[stage]
     ramps = "momentum=optim.muon_momentum(step)" in calls[0]
     assert ramps == (stage in ("base_train", "mid_train"))  # as the reference: SFT and RL keep 0.95
+    # the next-token stages take their micro-batches through optim.micro_step (RL's loss is its own)
+    next_token = stage != "chat_rl"
+    assert ("optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)" in source) == next_token
+    assert (".backward()" not in source) == next_token
 
 
 def test_step_sets_schedules_clips_and_drops_gradients():
