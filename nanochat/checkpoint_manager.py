@@ -228,13 +228,19 @@ def find_largest_model(checkpoints_dir: str) -> str:
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
-def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phase: str):
-    """(model, tokenizer, meta) from a checkpoint. phase 'train' or 'eval' sets the model's mode."""
+def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phase: str,
+                objectives: tuple[str, ...] = ("ar",)):
+    """(model, tokenizer, meta) from a checkpoint. phase 'train' or 'eval' sets the model's mode.
+    The checkpoint's objective (meta "objective", "ar" when absent) must be one of `objectives`;
+    an 'mdlm' model comes with bidirectional attention and the tokenizer with <|mask|>."""
+    from nanochat.diffusion import add_mask_token, check_objective
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval' (got {phase!r})"
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required=("step", "model_config"))
+    objective = meta.get("objective", "ar")
+    check_objective(objective, objectives, f"checkpoint {checkpoint_dir} step {step}")
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     if device.type in ("cpu", "mps"):  # bf16 weights saved on CUDA: compute in fp32 here
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
@@ -249,8 +255,9 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phas
     model.init_weights()  # buffers (rotary tables) are not in the state dict
     model.load_state_dict(model_data, strict=True, assign=True)
     model.fused_loss = use_fused_loss(device.type)  # a script that compiles the model sets it again
+    model.causal = objective == "ar"
     model.train(phase == "train")
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer() if objective == "ar" else add_mask_token(get_tokenizer())
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {checkpoint_dir} "
                          f"was trained with {config.vocab_size}: it belongs to another tokenizer")
@@ -258,9 +265,9 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device | str, phas
 
 
 def load_model(source: str, device: torch.device | str, phase: str, model_tag: str | None = None,
-               step: int | None = None):
+               step: int | None = None, objectives: tuple[str, ...] = ("ar",)):
     """(model, tokenizer, meta) of stage `source` (base|mid|sft|rl): the largest model tag and its
-    latest step unless given."""
+    latest step unless given. A model of another objective than `objectives` stops with one line."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)} (got {source!r})")
     dirname, producer = SOURCES[source]
@@ -269,7 +276,7 @@ def load_model(source: str, device: torch.device | str, phase: str, model_tag: s
         model_tag = model_tag or find_largest_model(checkpoints_dir)
         checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
         step = find_last_step(checkpoint_dir) if step is None else step
-        return build_model(checkpoint_dir, step, device, phase)
+        return build_model(checkpoint_dir, step, device, phase, objectives)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no usable {source} checkpoint ({e}); `{producer}` writes them") from e
 

@@ -39,6 +39,7 @@ KV-cache protocol (the cache class is nanochat.engine.KVCache): an object with
   own). The cache advances its position when the last layer has inserted.
 Attention is then causal without a cache, and the masked SDPA with one: the same code for a
 prompt, a chunk after a prefix and a single decoded token, and no shape changes while decoding.
+`model.causal = False` makes attention bidirectional (masked diffusion, nanochat/diffusion.py; no cache).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache=None,
+                causal: bool = True) -> torch.Tensor:
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -122,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         enable_gqa = self.n_head != self.n_kv_head
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
         else:
             k, v, mask = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, max_len, D), (T, max_len)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
@@ -148,8 +150,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache=None,
+                causal: bool = True) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos_sin, kv_cache, causal)
         x = x + self.mlp(norm(x))
         return x
 
@@ -173,6 +176,9 @@ class GPT(nn.Module):
         # The fused head + loss (nanochat/fused_loss.py: the same math, less memory traffic) or the
         # plain ops. Whoever places the model decides: nanochat.common.use_fused_loss.
         self.fused_loss = False
+        # False: every position attends to every other (the masked-diffusion objective,
+        # nanochat/diffusion.py). Whoever builds the model sets it from the checkpoint's objective.
+        self.causal = True
 
     @torch.no_grad()
     def init_weights(self, embedding_dtype: torch.dtype = torch.float32) -> None:
@@ -197,6 +203,7 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V) in fp32; with targets (B, T) (-1 = ignore) -> the
         cross-entropy loss (a scalar for 'mean'/'sum', (B, T) for 'none')."""
         B, T = idx.size()
+        assert self.causal or kv_cache is None, "a KV cache needs causal attention"
         if kv_cache is None:
             assert T <= self.rotary_seq_len, f"{T} positions exceed the rotary tables ({self.rotary_seq_len} = 10x sequence_len)"
             cos_sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, D/2)
@@ -205,7 +212,7 @@ class GPT(nn.Module):
             cos_sin = self.cos[:, positions], self.sin[:, positions]  # (1, T, 1, D/2)
         x = norm(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+            x = block(x, cos_sin, kv_cache, self.causal)
         x = norm(x)
         softcap = 15.0
         if targets is not None and self.fused_loss:  # the same math, see nanochat/fused_loss.py

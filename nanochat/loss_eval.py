@@ -48,12 +48,17 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable, steps: int, token_by
         total_bytes += num_bytes.sum()
         bar.update(done)
     bar.close()
+    return bits_per_byte(total_nats, total_bytes)
+
+
+def bits_per_byte(total_nats: torch.Tensor, total_bytes: torch.Tensor) -> float:
+    """This rank's sums of nats and of bytes (scalar tensors), added over ranks, as bits per byte."""
     if dist.is_available() and dist.is_initialized():
         # every rank takes part, even one whose batches ran out, so the collectives always match
         dist.all_reduce(total_nats)
         dist.all_reduce(total_bytes)
     if total_bytes.item() == 0:
-        raise ValueError("evaluate_bpb saw no target token with a byte length > 0 "
+        raise ValueError("bits per byte over no target token with a byte length > 0 "
                          "(no batches: empty val split or steps=0?)")
     return total_nats.item() / (math.log(2) * total_bytes.item())
 
@@ -64,10 +69,14 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 
 
 def greedy_samples(model: torch.nn.Module, tokenizer, autocast, max_tokens: int = 16) -> list[str]:
-    """Greedy (temperature 0) continuations of SAMPLE_PROMPTS with the KV-cache engine, run under
-    the `autocast()` context factory (compute.autocast)."""
-    from nanochat.engine import Engine  # imported here: the engine is only needed for samples
-    engine = Engine(model, tokenizer, compile_decode=False)  # 16 tokens do not repay a graph capture
+    """Greedy (temperature 0) continuations of SAMPLE_PROMPTS with the KV-cache engine (a masked
+    diffusion model: iterative unmasking), run under the `autocast()` context factory (compute.autocast)."""
+    from nanochat.diffusion import DiffusionEngine  # imported here: the engines are only needed for samples
+    from nanochat.engine import Engine
+    if getattr(model, "causal", True):
+        engine = Engine(model, tokenizer, compile_decode=False)  # 16 tokens do not repay a graph capture
+    else:  # masked diffusion: max_tokens masks after the prompt, one unmasked per step, most confident first
+        engine = DiffusionEngine(model, tokenizer)
     samples = []
     for prompt in SAMPLE_PROMPTS:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())

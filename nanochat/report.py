@@ -250,7 +250,8 @@ def summary_table(metrics_by_section: dict[str, dict[str, float]]) -> str:
 
 
 def plot_training_curve(history_path: str, png_path: str) -> bool:
-    """train_loss and val_bpb vs step from a history JSONL into a PNG; False if nothing to plot."""
+    """train_loss and val_bpb (or, masked diffusion, val_bpb_bound) vs step from a history JSONL
+    into a PNG; False if nothing to plot."""
     rows = {}
     with open(history_path, encoding="utf-8") as f:
         for line in f:
@@ -261,7 +262,7 @@ def plot_training_curve(history_path: str, png_path: str) -> bool:
             if isinstance(row, dict) and "step" in row:
                 rows.setdefault(row["step"], {}).update(row)  # a later row for the same step wins
     series = {key: sorted((s, r[key]) for s, r in rows.items() if r.get(key) is not None)
-              for key in ("train_loss", "val_bpb")}
+              for key in ("train_loss", "val_bpb", "val_bpb_bound")}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return False
@@ -273,7 +274,8 @@ def plot_training_curve(history_path: str, png_path: str) -> bool:
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) < 30 else None)
         ax.set_xlabel("step")
-        ax.set_title({"train_loss": "train loss (nats)", "val_bpb": "val bits per byte"}[key])
+        ax.set_title({"train_loss": "train loss (nats)", "val_bpb": "val bits per byte",
+                      "val_bpb_bound": "val bits per byte, upper bound (ELBO)"}[key])
         ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -10,6 +10,7 @@ Run:
         --core_metric_every=-1 --sample_every=100                   # a laptop CPU
     python -m scripts.base_train --resume_from_step=2000           # continue a saved run exactly
     python -m scripts.base_train --resume_from_step=latest         # ... from its newest complete checkpoint
+    python -m scripts.base_train --objective=mdlm                  # masked diffusion (nanochat/diffusion.py)
 
 The horizon: --num_iterations if > 0, else --target_flops if > 0, else
 --target_param_data_ratio · params tokens (20: Chinchilla). One step is --total_batch_size tokens:
@@ -43,6 +44,8 @@ from nanochat.checkpoint_manager import (checkpoint_due, every_rank, load_checkp
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import check_shards
+from nanochat.diffusion import (OBJECTIVES, add_mask_token, check_objective, diffusion_loss, draw_noise,
+                                evaluate_bpb_bound)
 from nanochat.flags import FlagError, StopRun, parse_flags, print_flags, token_batch_plan
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
@@ -60,6 +63,7 @@ DEFAULTS = dict(
     compile=-1,  # -1 auto (on for CUDA), 0 off, 1 on
     force=0,  # 1: train even when the memory plan says the batch will not fit
     fp32_embedding=0,  # 1: keep the embedding (and the residual stream) fp32 on CUDA; 0: bf16 there, as the reference
+    objective="ar",  # ar: next-token prediction; mdlm: masked diffusion, bidirectional (nanochat/diffusion.py)
     # model
     depth=20,
     max_seq_len=2048,
@@ -87,6 +91,11 @@ DEFAULTS = dict(
 )
 cfg = parse_flags(DEFAULTS, doc=__doc__)
 user_config = vars(cfg).copy()
+if cfg.objective not in OBJECTIVES:
+    raise FlagError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {cfg.objective!r})")
+mdlm = cfg.objective == "mdlm"
+if mdlm:  # CORE scores answers by their left-to-right likelihood: it needs an AR model
+    cfg.core_metric_every = -1
 
 # -----------------------------------------------------------------------------
 # Compute, tokenizer, logging
@@ -104,6 +113,9 @@ try:
     token_bytes = get_token_bytes(device=device)
 except FileNotFoundError as e:  # the message says how to train one
     raise StopRun(f"base_train: {e}") from None
+if mdlm:  # one more id, after every existing one
+    tokenizer = add_mask_token(tokenizer)
+    mask_id, bos_id = tokenizer.encode_special("<|mask|>"), tokenizer.get_bos_token_id()
 vocab_size = tokenizer.get_vocab_size()
 
 # -----------------------------------------------------------------------------
@@ -114,6 +126,7 @@ with torch.device("meta"):
     model = GPT(model_config)
 model.to_empty(device=device)
 model.init_weights(embedding_dtype=torch.float32 if cfg.fp32_embedding else compute.compute_dtype)
+model.causal = not mdlm
 model_tag = cfg.model_tag or f"d{cfg.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 try:  # --resume_from_step=latest -> the newest complete checkpoint's step
@@ -126,6 +139,7 @@ if resuming:
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, cfg.resume_from_step, device,
                                                        load_optimizer=True, rank=compute.rank,
                                                        required=("model_config", "dataloader_state", "loop_state"))
+    check_objective(meta.get("objective", "ar"), cfg.objective, f"base_train: checkpoint step {cfg.resume_from_step}")
     if meta["model_config"] != asdict(model_config):
         raise FlagError(f"the checkpoint's model {meta['model_config']} differs from the flags' "
                         f"{asdict(model_config)}: resume with the flags it was trained with")
@@ -133,7 +147,7 @@ if resuming:
     del model_data
 orig_model = model  # uncompiled: for saving, CORE and sampling
 use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
-orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile)
+orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile) and not mdlm  # mdlm's loss takes the logits
 if use_compile:
     model = torch.compile(model, dynamic=False)
 num_params = sum(p.numel() for p in orig_model.parameters())
@@ -208,11 +222,15 @@ while True:
     if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
         with compute.autocast():
-            val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, name="val bpb")
+            if mdlm:  # an upper bound from the ELBO, repeatable (fixed t draws)
+                val_bpb = evaluate_bpb_bound(model, val_batches(), eval_steps, token_bytes, mask_id, bos_id,
+                                             name="val bpb bound")
+            else:
+                val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, name="val bpb")
         min_val_bpb = min(min_val_bpb, val_bpb)
-        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        print0(f"step {step:05d} | val bpb {'bound ' if mdlm else ''}{val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
-        report.log_history({"step": step, "val_bpb": val_bpb})
+        report.log_history({"step": step, "val_bpb_bound" if mdlm else "val_bpb": val_bpb})
         model.train()
 
     if not stop and cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):
@@ -235,6 +253,7 @@ while True:
         loop_state = dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
                         dict(model_config=asdict(model_config), user_config=user_config, val_bpb=val_bpb,
+                             objective=cfg.objective,
                              dataloader_state=every_rank(dataloader_state), loop_state=loop_state,
                              device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len),
                         rank=compute.rank)
@@ -248,8 +267,17 @@ while True:
     compute.synchronize()
     t0 = time.time()
     train_loss = 0.0
-    for _ in range(grad_accum_steps):
-        train_loss += optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)  # gradients add up: mean
+    if mdlm:  # the masks of the whole global batch, from the step: the same on resume and any rank count
+        rows = cfg.device_batch_size * grad_accum_steps * compute.world_size
+        noise_t, noise_u = draw_noise(rows, cfg.max_seq_len, step, device)
+    for micro in range(grad_accum_steps):
+        if mdlm:  # this micro-batch's rows of the global batch's masks
+            first = (compute.rank * grad_accum_steps + micro) * cfg.device_batch_size
+            r = slice(first, first + cfg.device_batch_size)
+            masked_loss = lambda x, y: diffusion_loss(model, x, noise_t[r], noise_u[r], mask_id, bos_id)  # noqa: E731
+            train_loss += optim.micro_step(masked_loss, x, y, grad_accum_steps, compute.autocast)
+        else:
+            train_loss += optim.micro_step(model, x, y, grad_accum_steps, compute.autocast)  # gradients add up: mean
         dataloader_state = x_state  # (x, y) is consumed
         x, y, x_state = next(train_loader)  # the next batch loads while the device works
     lrm = optim.lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
@@ -269,13 +297,14 @@ while True:
 # Totals, report, cleanup
 
 totals = progress_line.totals(compute)  # prints peak memory and training time
-print0(f"min val bpb: {min_val_bpb:.4f}")
+print0(f"min val bpb{' bound' if mdlm else ''}: {min_val_bpb:.4f}")
 report.log(section="Base model training", data=[
     user_config,
     {"parameters": num_params, "FLOPs per token": f"{num_flops_per_token:e}", "iterations": num_iterations,
      "training tokens": total_tokens, "tokens : params": round(total_tokens / num_params, 2),
      "DDP world size": compute.world_size},
-    {"min val bpb": min_val_bpb, "final val bpb": val_bpb,
+    {**({"objective": "mdlm (val bpb: an ELBO upper bound)"} if mdlm else {}),
+     f"min val bpb{' bound' if mdlm else ''}": min_val_bpb, f"final val bpb{' bound' if mdlm else ''}": val_bpb,
      **({"CORE": core_results["core_metric"]} if core_results else {}),
      **totals},
 ])

@@ -6,6 +6,7 @@ Run:
     python -m scripts.chat_cli -i rl -t 0.6 -k 50            # another stage, other sampling settings
     python -m scripts.chat_cli -p "Why is the sky blue?"     # answer one prompt, print it, exit 0
     python -m scripts.chat_cli --device_type cpu --model_tag d20 --step 700
+    python -m scripts.chat_cli -i base --model_tag mdlm --unmask_steps 64 --block_len 32   # a diffusion model
 
 In the chat: `clear` starts a new conversation; `quit`, `exit` or Ctrl-D leaves. Ctrl-C while the
 model writes stops that reply (what it wrote so far stays in the conversation); at the prompt it leaves.
@@ -18,6 +19,9 @@ Design choices:
   once, whole, and tool use shown as what it is, `[calculator: 6*7 → 42]` (dim on a terminal,
   plain when piped), never as special tokens. Only the reply's text goes back into the conversation.
 - Each reply uses a fresh random seed, so asking again gives a different sample (at temperature > 0).
+- A masked-diffusion base model (base_train --objective=mdlm) writes its whole reply by iterative
+  unmasking (nanochat/diffusion.py: --unmask_steps forward passes, most confident positions first,
+  --block_len for left-to-right blocks), and then it is printed.
 """
 
 import argparse
@@ -37,6 +41,10 @@ parser.add_argument("--model_tag", default=None, help="checkpoint tag, e.g. d20 
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--device_type", default="", choices=["cuda", "mps", "cpu"], help="default: autodetect")
 parser.add_argument("--compile_decode", type=int, default=None, choices=[0, 1], help="1: compile the decode step (CUDA graphs), 0: eager; default: on for CUDA")
+parser.add_argument("--unmask_steps", type=int, default=0,
+                    help="diffusion models: forward passes per reply (0: one per token)")
+parser.add_argument("--block_len", type=int, default=0,
+                    help="diffusion models: fill blocks of this many tokens left to right (0: one block)")
 args = parser.parse_args()
 if args.temperature < 0:
     parser.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -44,6 +52,8 @@ if args.top_k < 0:
     parser.error(f"--top_k must be >= 0, got {args.top_k}")
 if args.max_tokens < 1:
     parser.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
+if args.unmask_steps < 0 or args.block_len < 0:
+    parser.error(f"--unmask_steps and --block_len must be >= 0, got {args.unmask_steps} and {args.block_len}")
 
 # -----------------------------------------------------------------------------
 # Compute, model, engine
@@ -53,17 +63,22 @@ import torch  # noqa: E402  (after argument parsing: --help and flag errors stay
 from nanochat.chat_api import ReplyStream  # noqa: E402
 from nanochat.checkpoint_manager import load_model  # noqa: E402
 from nanochat.common import compute_init  # noqa: E402
+from nanochat.diffusion import DiffusionEngine  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 
 compute = compute_init(args.device_type)
 try:
     model, tokenizer, meta = load_model(args.source, compute.device, phase="eval", model_tag=args.model_tag,
-                                        step=args.step)
+                                        step=args.step,
+                                        objectives=("ar", "mdlm") if args.source == "base" else ("ar",))
 except FileNotFoundError as e:
     print(f"chat_cli: {e}", file=sys.stderr)
     sys.exit(1)
 model.to(compute.compute_dtype)  # bf16 weights on CUDA, cast once: no autocast while decoding
-engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
+if model.causal:
+    engine = Engine(model, tokenizer, compile_decode=None if args.compile_decode is None else bool(args.compile_decode))
+else:  # masked diffusion
+    engine = DiffusionEngine(model, tokenizer, steps=args.unmask_steps or None, block_len=args.block_len or None)
 context_len = meta["model_config"]["sequence_len"]
 stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 

@@ -17,30 +17,33 @@ from conftest import REPO_ROOT
 from dist_train_worker import CONFIG, MAX_NORM, train
 
 
-def torchrun_two_ranks(script, out_dir):
-    """Run `script out_dir` under a real `torchrun --standalone --nproc_per_node=2` (gloo, CPU)."""
+def torchrun_two_ranks(script, out_dir, *args):
+    """Run `script out_dir *args` under a real `torchrun --standalone --nproc_per_node=2` (gloo, CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(out_dir)]
+           str(out_dir), *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 @pytest.mark.slow
-def test_two_ranks_train_like_one(tmp_path):
-    torchrun_two_ranks(REPO_ROOT / "tests" / "dist_train_worker.py", tmp_path)
+@pytest.mark.parametrize("objective", ["ar", "mdlm"])
+def test_two_ranks_train_like_one(tmp_path, objective):
+    torchrun_two_ranks(REPO_ROOT / "tests" / "dist_train_worker.py", tmp_path, objective)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = train(rank=0, world_size=1)
+        single = train(rank=0, world_size=1, objective=objective)
     finally:
         torch.set_num_threads(threads)
 
-    # both ranks hold the same weights, equal to one process's
+    # both ranks hold the same weights, equal to one process's (masked diffusion weights its losses
+    # by 1/t, up to 1,000: its rounding differences are larger; other masks move them by ~1)
+    atol = 1e-5 if objective == "ar" else 2e-4
     for name, expected in single["params"].items():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
-        assert torch.allclose(ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-5), \
+        assert torch.allclose(ranks[0]["params"][name], expected, rtol=1e-4, atol=atol), \
             f"{name}: max diff {(ranks[0]['params'][name] - expected).abs().max()}"
     assert single["unchanged"] == [] and ranks[0]["unchanged"] == []  # every parameter trained
 
