@@ -54,7 +54,11 @@ if [ "$DEVICE" = cuda ]; then
 else
     NGPU=2
 fi
-LOGDIR="${GPU_CHECK_LOGS:-$([ $DRY = 1 ] && echo '<logs>' || mktemp -d /tmp/gpu_check.XXXXXX)}"
+if [ $DRY = 1 ]; then  # the dry run creates nothing: it names the folder a real run would make
+    LOGDIR="${GPU_CHECK_LOGS:-/tmp/gpu_check.XXXXXX}"
+else
+    LOGDIR="${GPU_CHECK_LOGS:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
+fi
 TRAIN="$PY -m bench.train --device_type=$DEVICE --depth=$DEPTH --max_seq_len=$SEQ --device_batch_size=$BATCH"
 TRAIN="$TRAIN --vocab_size=$VOCAB --grad_accum_steps=1 --steps=$STEPS --warmup_steps=$WARM --compile=1 --matmul_size=$MATMUL"
 CHECK="-m dev.gpu_train_check --device=$DEVICE --depth=$CHECK_DEPTH"

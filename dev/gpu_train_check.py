@@ -87,8 +87,8 @@ elif cfg.check == "ranks":
     # bf16 on CUDA). The gap is therefore a norm over the whole tensor, relative to how far training
     # moved it, and the bar sits above that noise; a wrong reduction (a sum, a missing rank) is ~1.
     tolerance = cfg.tolerance if cfg.tolerance > 0 else (2e-2 if compute.device_type == "cuda" else 2e-3)
-    initial = {name: p.detach().float().cpu() for name, p in build().named_parameters()}
     model = build()
+    initial = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()}
     losses = train(model, compute.rank, compute.world_size, autocast=False)
     params = {name: p.detach().float().cpu() for name, p in model.named_parameters()}
     if compute.ddp:  # the torchrun run: leave the result for the reference

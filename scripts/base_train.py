@@ -94,6 +94,7 @@ user_config = vars(cfg).copy()
 if cfg.objective not in OBJECTIVES:
     raise FlagError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {cfg.objective!r})")
 mdlm = cfg.objective == "mdlm"
+bound = " bound" if mdlm else ""  # masked diffusion's val bpb is an upper bound: every label says so
 if mdlm:  # CORE scores answers by their left-to-right likelihood: it needs an AR model
     cfg.core_metric_every = -1
 
@@ -224,11 +225,11 @@ while True:
         with compute.autocast():
             if mdlm:  # an upper bound from the ELBO, repeatable (fixed t draws)
                 val_bpb = evaluate_bpb_bound(model, val_batches(), eval_steps, token_bytes, mask_id, bos_id,
-                                             name="val bpb bound")
+                                             name=f"val bpb{bound}")
             else:
                 val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, name="val bpb")
         min_val_bpb = min(min_val_bpb, val_bpb)
-        print0(f"step {step:05d} | val bpb {'bound ' if mdlm else ''}{val_bpb:.4f}")
+        print0(f"step {step:05d} | val bpb{bound} {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         report.log_history({"step": step, "val_bpb_bound" if mdlm else "val_bpb": val_bpb})
         model.train()
@@ -297,14 +298,14 @@ while True:
 # Totals, report, cleanup
 
 totals = progress_line.totals(compute)  # prints peak memory and training time
-print0(f"min val bpb{' bound' if mdlm else ''}: {min_val_bpb:.4f}")
+print0(f"min val bpb{bound}: {min_val_bpb:.4f}")
 report.log(section="Base model training", data=[
     user_config,
     {"parameters": num_params, "FLOPs per token": f"{num_flops_per_token:e}", "iterations": num_iterations,
      "training tokens": total_tokens, "tokens : params": round(total_tokens / num_params, 2),
      "DDP world size": compute.world_size},
     {**({"objective": "mdlm (val bpb: an ELBO upper bound)"} if mdlm else {}),
-     f"min val bpb{' bound' if mdlm else ''}": min_val_bpb, f"final val bpb{' bound' if mdlm else ''}": val_bpb,
+     f"min val bpb{bound}": min_val_bpb, f"final val bpb{bound}": val_bpb,
      **({"CORE": core_results["core_metric"]} if core_results else {}),
      **totals},
 ])
