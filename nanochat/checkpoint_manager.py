@@ -24,10 +24,11 @@ Design choices:
   status 1, no traceback. Loading never writes or deletes anything.
 - Stage directories: base -> base_checkpoints, mid -> mid_checkpoints, sft -> chatsft_checkpoints,
   rl -> chatrl_checkpoints; tags default to the largest `d<depth>` present, steps to the latest.
-- What every training stage shares around its checkpoints: `checkpoint_due` (save at the last
-  step, on SIGTERM / Ctrl-C and every --save_every steps, never the step just resumed from),
-  `every_rank` (each rank's loader position, gathered for the meta), and, for mid/SFT/RL,
-  `load_start_model` (the previous stage's model, or the stage's own checkpoint when resuming).
+- What every training stage shares around its checkpoints: `StageSaver` (save at the last step,
+  on SIGTERM / Ctrl-C and every --save_every steps, never the step just resumed from; then exit 0
+  on a signal), `every_rank` / `this_rank` (each rank's loader position, gathered for the meta and
+  handed back on resume), and, for mid/SFT/RL, `load_start_model` (the previous stage's model, or
+  the stage's own checkpoint when resuming, as a `StartModel`).
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ import logging
 import os
 import pickle
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, base_dir_path, get_dist_info, print0, use_fused_loss
-from nanochat.flags import StopRun
+from nanochat.common import Compute, atomic_write, base_dir_path, get_dist_info, print0, use_fused_loss
+from nanochat.flags import FlagError, StopRun
+from nanochat.preempt import Preemption
 
 logger = logging.getLogger("nanochat")
 
@@ -129,6 +133,44 @@ def every_rank(state) -> list:
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+def this_rank(states: list, compute: Compute):
+    """This rank's entry of a checkpoint's per-rank list (what every_rank gathered). The run must
+    have as many ranks as the one that saved it: each rank continues its own loader position."""
+    if len(states) != compute.world_size:
+        raise FlagError(f"the checkpoint was saved by {len(states)} rank(s); resume it with as many "
+                        f"(this run has {compute.world_size})")
+    return states[compute.rank]
+
+
+class StageSaver:
+    """When a training stage saves, and what it does on SIGTERM / Ctrl-C (nanochat/preempt.py).
+    At the top of every iteration `should_stop` (every rank agrees); after the evaluations
+    `save_if_due`: saves when checkpoint_due says so and, when stopping, prints the resume command
+    and exits 0."""
+
+    def __init__(self, module: str, compute: Compute, checkpoint_dir: str, save_every: int, resumed_step: int,
+                 wandb_run=None):
+        self.compute, self.checkpoint_dir, self.wandb_run = compute, checkpoint_dir, wandb_run
+        self.save_every, self.resumed_step = save_every, resumed_step
+        self.preemption = Preemption(module, compute)  # watches for the signals from here on
+
+    def should_stop(self, last_step: bool) -> bool:
+        """Whether any rank got a signal (the last step saves and ends anyway). Call it at the same
+        point of every iteration on every rank: it is a collective."""
+        return self.preemption.should_stop() and not last_step
+
+    def save_if_due(self, step: int, last_step: bool, stop: bool, model: torch.nn.Module, optimizers: list,
+                    meta: Callable[[], dict]) -> None:
+        """Save step `step` (the uncompiled model, every rank's optimiser shard, meta() as the
+        meta data) if it is due; then, if stopping, exit 0. meta is called only when saving (it
+        may gather from every rank)."""
+        if checkpoint_due(step, self.save_every, last_step, stop, self.resumed_step):
+            save_checkpoint(self.checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
+                            meta(), rank=self.compute.rank)
+        if stop:
+            self.preemption.exit(step, self.checkpoint_dir, self.wandb_run)
 
 
 def save_checkpoint(checkpoint_dir: str, step: int, model_data: dict | None, optimizer_data: dict | None,
@@ -281,40 +323,57 @@ def load_model(source: str, device: torch.device | str, phase: str, model_tag: s
         raise FileNotFoundError(f"no usable {source} checkpoint ({e}); `{producer}` writes them") from e
 
 
-def load_start_model(stage: str, source: str, device: torch.device | str, rank: int, model_tag: str = "",
-                     step: int = -1, resume_from_step: int = -1):
-    """The model a fine-tuning stage (mid, sft or rl) trains, in train mode.
+@dataclass
+class StartModel:
+    """What a fine-tuning stage (mid, sft or rl) begins from: see load_start_model."""
+    model: torch.nn.Module  # the GPT, in train mode
+    tokenizer: object
+    meta: dict  # the loaded checkpoint's meta
+    optimizer_data: object  # this rank's optimiser shard when resuming, else None
+    checkpoint_dir: str  # where the stage saves
+    source: dict  # {"source", "model_tag", "step"}: the model the stage began from (kept in its checkpoints)
+    step: int  # the first step to run: 0, or the step resumed from
+    resumed_step: int  # the step resumed from, -1 when not resuming
+    loop_state: dict  # the loop's numbers at that step ({} when not resuming)
+    dataloader_state: object  # this rank's loader position at that step (None when not resuming, or for rl)
 
-    Normally: checkpoint `step` of `source` (default: its largest tag, latest step). With
-    `resume_from_step >= 0`: that step of the stage's own checkpoints instead, with this rank's
-    optimiser shard. Returns (model, tokenizer, meta, optimizer_data, checkpoint_dir, start):
-    optimizer_data is None unless resuming; checkpoint_dir is where the stage saves; start =
-    {"source", "model_tag", "step"} names the model the stage began from, and the stage keeps it
-    in its checkpoints' meta (as "start_source") so a resumed run still knows. resume_from_step
-    LATEST (-2) resumes the newest complete checkpoint: meta["step"] says which. No checkpoint to
-    start from stops the run with one line, prefixed with the stage's script, naming the command
-    that writes one."""
+
+def load_start_model(stage: str, source: str, compute: Compute, model_tag: str = "", step: int = -1,
+                     resume_from_step: int = -1) -> StartModel:
+    """The model a fine-tuning stage (mid, sft or rl) trains, and where its loop starts.
+
+    Normally: checkpoint `step` of `source` (default: its largest tag, latest step), from step 0.
+    With `resume_from_step >= 0`: that step of the stage's own checkpoints instead, with this
+    rank's optimiser shard, loop state and (mid, sft) loader position; the run needs as many ranks
+    as the one that saved it. resume_from_step LATEST (-2) resumes the newest complete checkpoint.
+    The stage keeps `source` in its checkpoints' meta ("start_source"), so a resumed run still
+    knows what it began from. No checkpoint to start from stops the run with one line, prefixed
+    with the stage's script, naming the command that writes one."""
     try:
-        return _load_start_model(stage, source, device, rank, model_tag, step, resume_from_step)
+        return _load_start_model(stage, source, compute, model_tag, step, resume_from_step)
     except FileNotFoundError as e:
         script = SOURCES[stage][1].split("scripts.")[-1]  # e.g. chat_sft
         raise StopRun(f"{script}: {e}") from None
 
 
-def _load_start_model(stage: str, source: str, device: torch.device | str, rank: int, model_tag: str,
-                      step: int, resume_from_step: int):
+def _load_start_model(stage: str, source: str, compute: Compute, model_tag: str, step: int,
+                      resume_from_step: int) -> StartModel:
     checkpoints_root = os.path.join(base_dir_path(), SOURCES[stage][0])
     if resume_from_step != -1:
         checkpoint_dir = os.path.join(checkpoints_root, model_tag or find_largest_model(checkpoints_root))
         resume_from_step = resolve_resume_step(checkpoint_dir, resume_from_step)
         print0(f"resuming from step {resume_from_step} of {checkpoint_dir}")
-        model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, device, phase="train")
-        required = ("step", "start_source", "loop_state") + (("dataloader_state",) if stage in ("mid", "sft") else ())
-        _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True,
-                                               rank=rank, required=required)
-        return model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"]
-    model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
+        model, tokenizer, meta = build_model(checkpoint_dir, resume_from_step, compute.device, phase="train")
+        loader = stage in ("mid", "sft")  # rl draws its problems from the step: no loader position
+        required = ("step", "start_source", "loop_state") + (("dataloader_state",) if loader else ())
+        _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, compute.device, load_optimizer=True,
+                                               rank=compute.rank, required=required)
+        return StartModel(model, tokenizer, meta, optimizer_data, checkpoint_dir, meta["start_source"],
+                          step=meta["step"], resumed_step=meta["step"], loop_state=meta["loop_state"],
+                          dataloader_state=this_rank(meta["dataloader_state"], compute) if loader else None)
+    model, tokenizer, meta = load_model(source, compute.device, phase="train", model_tag=model_tag or None,
                                         step=None if step < 0 else step)
     model_tag = model_tag or find_largest_model(os.path.join(base_dir_path(), SOURCES[source][0]))
     start = {"source": source, "model_tag": model_tag, "step": meta["step"]}
-    return model, tokenizer, meta, None, os.path.join(checkpoints_root, model_tag), start
+    return StartModel(model, tokenizer, meta, None, os.path.join(checkpoints_root, model_tag), start,
+                      step=0, resumed_step=-1, loop_state={}, dataloader_state=None)

@@ -2,11 +2,11 @@
 Stopping a training stage cleanly when the machine is taken away: SIGTERM (a preemptible cloud GPU,
 `docker stop`, Kubernetes, SLURM, torchrun passing its own SIGTERM on) or a first Ctrl-C.
 
-The four training stages (base_train, mid_train, chat_sft, chat_rl) create one `Preemption` before
-their loop and ask `should_stop()` at the top of every iteration, where the previous optimiser step
-is complete. When it says yes, the stage skips its evaluations, saves a complete checkpoint of that
-step (every rank, atomically: nanochat/checkpoint_manager.py) and calls `exit()`, which prints the
-command that continues the run exactly and exits with status 0.
+The four training stages (base_train, mid_train, chat_sft, chat_rl) create one `StageSaver`
+(nanochat/checkpoint_manager.py, which holds one `Preemption`) before their loop and ask it
+`should_stop()` at the top of every iteration, where the previous optimiser step is complete. When
+it says yes, the stage skips its evaluations, saves a complete checkpoint of that step (every rank,
+atomically) and `exit()` prints the command that continues the run exactly and exits with status 0.
 
 Design choices:
 - The signal handler only sets a flag (and writes one line with os.write, which is safe inside a

@@ -37,6 +37,7 @@ class TrainProgress:
     def __init__(self, compute: Compute, num_iterations: int | None, flops_per_token: float, first_step: int,
                  state: dict | None = None, ema_beta: float = 0.9):
         state = state or {}
+        self.compute, self.t0 = compute, None
         self.num_iterations, self.flops_per_token = num_iterations, flops_per_token
         self.world_size, self.first_step, self.ema_beta = compute.world_size, first_step, ema_beta
         # peak bf16 FLOP/s of one device by name; None (MFU n/a) off CUDA and for unknown GPUs
@@ -57,10 +58,19 @@ class TrainProgress:
         return dict(smooth_train_loss=self.smooth_loss, total_training_time=self.total_time,
                     timed_steps=self.timed_steps)
 
-    def update(self, step: int, loss: float, lrm: float, dt: float, tokens: int, fraction: float | None = None,
-               extra: dict | None = None) -> dict:
-        """Record the step that made `step` steps done (loss, LR multiplier, seconds, tokens over
-        all ranks); print the line on rank 0; return the numbers (for wandb, under train/)."""
+    def start_step(self) -> None:
+        """Start the clock of one optimiser step, once the device has finished what came before."""
+        self.compute.synchronize()
+        self.t0 = time.time()
+
+    def update(self, step: int, loss: float, lrm: float, tokens: int, fraction: float | None = None,
+               extra: dict | None = None, dt: float | None = None) -> dict:
+        """Record the step that made `step` steps done (loss, LR multiplier, tokens over all ranks;
+        its seconds: `dt`, else measured since start_step once the device is done); print the line
+        on rank 0; return the numbers (for wandb, under train/)."""
+        if dt is None:
+            self.compute.synchronize()
+            dt = time.time() - self.t0
         if self.ema_beta:
             self.smooth_loss = self.ema_beta * self.smooth_loss + (1 - self.ema_beta) * loss
             loss = self.smooth_loss / (1 - self.ema_beta ** step)

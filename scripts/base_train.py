@@ -33,14 +33,12 @@ Ctrl-C: the step in flight finishes, a checkpoint is saved, the resume command p
 """
 
 import os
-import time
 from dataclasses import asdict
 
 import torch
 
 from nanochat import memory_plan, optim
-from nanochat.checkpoint_manager import (checkpoint_due, every_rank, load_checkpoint, resolve_resume_step,
-                                         save_checkpoint)
+from nanochat.checkpoint_manager import StageSaver, every_rank, load_checkpoint, resolve_resume_step, this_rank
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import check_shards
@@ -49,7 +47,6 @@ from nanochat.diffusion import (OBJECTIVES, add_mask_token, check_objective, dif
 from nanochat.flags import FlagError, StopRun, parse_flags, print_flags, token_batch_plan
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb, greedy_samples
-from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -184,11 +181,7 @@ memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.ma
 dataloader_state, loop_state = None, {}
 if resuming:
     del optimizer_data
-    states = meta["dataloader_state"]
-    if len(states) != compute.world_size:
-        raise FlagError(f"the checkpoint was saved by {len(states)} rank(s); resume it with the same number "
-                        f"(this run has {compute.world_size})")
-    dataloader_state, loop_state = states[compute.rank], meta["loop_state"]
+    dataloader_state, loop_state = this_rank(meta["dataloader_state"], compute), meta["loop_state"]
 
 train_loader = tokenizing_distributed_data_loader(cfg.device_batch_size, cfg.max_seq_len, "train", device=device,
                                                   resume_state_dict=dataloader_state)
@@ -211,14 +204,14 @@ min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
 progress_line = TrainProgress(compute, num_iterations, num_flops_per_token, first_step=step, state=loop_state)
 val_bpb = loop_state.get("val_bpb")
 core_results = {}
-preemption = Preemption("scripts.base_train", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
+saver = StageSaver("scripts.base_train", compute, checkpoint_dir, cfg.save_every, cfg.resume_from_step, wandb_run)
 
 # -----------------------------------------------------------------------------
 # Training loop: step counts optimiser updates done so far
 
 while True:
     last_step = step == num_iterations
-    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
+    stop = saver.should_stop(last_step)  # SIGTERM / Ctrl-C on any rank: no evaluations, save, exit 0
 
     if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
@@ -250,23 +243,16 @@ while True:
             print0(f"  {sample!r}")
         orig_model.train()
 
-    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
-        loop_state = dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
-                        dict(model_config=asdict(model_config), user_config=user_config, val_bpb=val_bpb,
-                             objective=cfg.objective,
-                             dataloader_state=every_rank(dataloader_state), loop_state=loop_state,
-                             device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len),
-                        rank=compute.rank)
-    if stop:
-        preemption.exit(step, checkpoint_dir, wandb_run)
-
+    saver.save_if_due(step, last_step, stop, orig_model, optimizers, lambda: dict(  # the meta, built to save
+        model_config=asdict(model_config), user_config=user_config, objective=cfg.objective, val_bpb=val_bpb,
+        device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len,
+        dataloader_state=every_rank(dataloader_state),
+        loop_state=dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())))
     if last_step:
         break
 
     # one optimiser step: grad_accum_steps forward/backward passes, then optim.step (sync, clip, update)
-    compute.synchronize()
-    t0 = time.time()
+    progress_line.start_step()
     train_loss = 0.0
     if mdlm:  # the masks of the whole global batch, from the step: the same on resume and any rank count
         rows = cfg.device_batch_size * grad_accum_steps * compute.world_size
@@ -284,12 +270,10 @@ while True:
     lrm = optim.lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
     grad_norm = optim.step(optimizers, lrm, momentum=optim.muon_momentum(step), grad_clip=cfg.grad_clip)
     train_loss = train_loss.item()
-    compute.synchronize()
-    dt = time.time() - t0
     step += 1
 
     # logging
-    step_metrics = progress_line.update(step, train_loss, lrm, dt, cfg.total_batch_size)  # prints the line
+    step_metrics = progress_line.update(step, train_loss, lrm, cfg.total_batch_size)  # stops the clock, prints
     wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()},
                    **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})})
     report.log_history({"step": step, "train_loss": step_metrics["loss"]})

@@ -25,18 +25,16 @@ pass@k for k = 1..device_batch_size on the first --eval_examples GSM8K test prob
 Checkpoints (every --save_every steps and at the end) go to <base>/chatrl_checkpoints/<model_tag>/.
 """
 
-import time
 
 import torch
 
 from nanochat import optim
 from nanochat.chat_evaluation import (all_reduce_sum, collate_masked, generative_outcomes, pass_at_k,
                                       policy_gradient_objective, sample_completions)
-from nanochat.checkpoint_manager import checkpoint_due, load_start_model, save_checkpoint
+from nanochat.checkpoint_manager import StageSaver, load_start_model
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, parse_flags, print_flags
-from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
@@ -93,20 +91,16 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the sft checkpoint, or our own when resuming
 
-resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
-model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-    "rl", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if there is none
-if resuming:
-    cfg.resume_from_step = meta["step"]  # `latest` resolved
-model_config = meta["model_config"]
+start = load_start_model("rl", cfg.source, compute, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if none
+model, tokenizer, model_config = start.model, start.tokenizer, start.meta["model_config"]
 engine = Engine(model, tokenizer, compile_decode=None if cfg.compile_decode < 0 else bool(cfg.compile_decode))
-print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
+print0(f"model: {start.source['source']} {start.source['model_tag']} step {start.source['step']}, {model_config}")
 
 # -----------------------------------------------------------------------------
 # Optimisers: every LR scaled by init_lr_frac
 
-optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
-del optimizer_data
+optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=start.optimizer_data)
+start.optimizer_data = None  # loaded into the optimisers: free it
 
 # -----------------------------------------------------------------------------
 # Data and horizon
@@ -157,34 +151,28 @@ def evaluate_pass_at_k() -> dict:
 # -----------------------------------------------------------------------------
 # Training loop: step counts optimiser updates done so far
 
-step = cfg.resume_from_step if resuming else 0
-loop_state = meta.get("loop_state", {}) if resuming else {}
+step, loop_state = start.step, start.loop_state
 passk = loop_state.get("passk", {})
 progress_line = TrainProgress(compute, num_iterations, model.estimate_flops(), first_step=step, state=loop_state,
                               ema_beta=0.0)  # the step's own numbers, as the reference prints them
-preemption = Preemption("scripts.chat_rl", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
+saver = StageSaver("scripts.chat_rl", compute, start.checkpoint_dir, cfg.save_every, start.resumed_step, wandb_run)
 while True:
     last_step = step == num_iterations
-    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
+    stop = saver.should_stop(last_step)  # SIGTERM / Ctrl-C on any rank: no evaluations, save, exit 0
 
     if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         passk = evaluate_pass_at_k()
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in passk.items()))
         wandb_run.log({"step": step, **{f"val/{k}": v for k, v in passk.items()}})
 
-    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
-                        dict(model_config=model_config, user_config=user_config, start_source=start_source,
-                             passk=passk, loop_state=dict(passk=passk, **progress_line.state())),
-                        rank=compute.rank)
-    if stop:
-        preemption.exit(step, checkpoint_dir, wandb_run)
-
+    saver.save_if_due(step, last_step, stop, model, optimizers, lambda: dict(  # the meta, built to save
+        model_config=model_config, user_config=user_config, start_source=start.source, passk=passk,
+        loop_state=dict(passk=passk, **progress_line.state())))
     if last_step:
         break
 
     # one optimiser step: examples_per_rank problems on this rank, num_samples answers each
-    t0 = time.time()
+    progress_line.start_step()
     reward_sum, sample_count, token_count, train_loss = 0.0, 0, 0, 0.0
     for k in range(examples_per_rank):
         index = (step * cfg.examples_per_step + compute.rank + k * compute.world_size) % len(train_task)
@@ -206,11 +194,9 @@ while True:
     optim.step(optimizers, lrm, grad_clip=cfg.grad_clip)  # Muon's momentum stays 0.95, as in the reference
     reward_sum, sample_count, token_count, train_loss = all_reduce_sum(  # the loss: the mean over ranks
         [reward_sum, sample_count, token_count, float(train_loss) / compute.world_size], device)
-    compute.synchronize()
-    dt = time.time() - t0
     step += 1
     mean_reward, mean_length = reward_sum / sample_count, token_count / sample_count
-    step_metrics = progress_line.update(step, train_loss, lrm, dt, int(token_count),
+    step_metrics = progress_line.update(step, train_loss, lrm, int(token_count),
                                         extra={"reward": mean_reward, "sequence_length": mean_length})
     wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()}})
 
@@ -219,7 +205,7 @@ while True:
 
 report.log(section="Chat RL", data=[
     user_config,
-    {"start model": f"{start_source['source']} {start_source['model_tag']} step {start_source['step']}",
+    {"start model": f"{start.source['source']} {start.source['model_tag']} step {start.source['step']}",
      "iterations": num_iterations, "DDP world size": compute.world_size},
     {f"GSM8K test {k}": v for k, v in passk.items()},
 ])

@@ -34,16 +34,14 @@ evaluation, as chat_eval does it).
 Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
 """
 
-import time
 
 import torch
 
 from nanochat import memory_plan, optim
 from nanochat.chat_evaluation import all_reduce_sum, collate_masked, load_task, run_categorical_eval
-from nanochat.checkpoint_manager import checkpoint_due, every_rank, load_start_model, save_checkpoint
+from nanochat.checkpoint_manager import StageSaver, every_rank, load_start_model
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0
 from nanochat.flags import FlagError, parse_flags, print_flags
-from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from tasks.arc import ARC
@@ -106,23 +104,17 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the mid (or base) checkpoint, or our own when resuming
 
-resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
-model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-    "sft", cfg.source, device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if there is none
-if resuming:
-    cfg.resume_from_step = meta["step"]  # `latest` resolved
-if resuming and len(meta["dataloader_state"]) != compute.world_size:
-    raise FlagError(f"the checkpoint was saved by {len(meta['dataloader_state'])} rank(s); resume with as many")
-model_config = meta["model_config"]
-print0(f"model: {start_source['source']} {start_source['model_tag']} step {start_source['step']}, {model_config}")
+start = load_start_model("sft", cfg.source, compute, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if none
+model, tokenizer, model_config = start.model, start.tokenizer, start.meta["model_config"]
+print0(f"model: {start.source['source']} {start.source['model_tag']} step {start.source['step']}, {model_config}")
 
 # -----------------------------------------------------------------------------
 # Optimisers: every LR scaled by init_lr_frac
 
-optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+optimizers = optim.build(model, cfg, lr_scale=cfg.init_lr_frac, states=start.optimizer_data)
 memory_plan.check(model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
                   batch_divides=cfg.target_examples_per_step // compute.world_size)  # stops here if it will not fit
-del optimizer_data
+start.optimizer_data = None  # loaded into the optimisers: free it
 
 # -----------------------------------------------------------------------------
 # Data: the SFT mixture, one conversation per row
@@ -174,8 +166,7 @@ else:
 print0(f"train mixture: {len(train_dataset):,} conversations, val: {len(val_dataset):,}; {num_iterations} steps "
        f"of {cfg.target_examples_per_step} examples = {cfg.device_batch_size} per fwd/bwd x {compute.world_size} "
        f"rank(s) x {grad_accum_steps} accumulation step(s)")
-loop_state = meta["loop_state"] if resuming else {}
-dataloader_state = meta["dataloader_state"][compute.rank] if resuming else None
+dataloader_state = start.dataloader_state  # None: from the first conversation
 train_loader = sft_batches("train", state=dataloader_state)
 
 
@@ -199,16 +190,16 @@ def evaluate_val_loss() -> float:
 # -----------------------------------------------------------------------------
 # Training loop: step counts optimiser updates done so far
 
-step = cfg.resume_from_step if resuming else 0
+step, loop_state = start.step, start.loop_state
 progress_line = TrainProgress(compute, num_iterations, model.estimate_flops(), first_step=step, state=loop_state,
                               ema_beta=0.0)  # the step's own loss, as the reference prints it
 val_loss = loop_state.get("val_loss")
 metrics = loop_state.get("metrics", {})
 metric_tasks = {}
-preemption = Preemption("scripts.chat_sft", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
+saver = StageSaver("scripts.chat_sft", compute, start.checkpoint_dir, cfg.save_every, start.resumed_step, wandb_run)
 while True:
     last_step = step == num_iterations
-    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
+    stop = saver.should_stop(last_step)  # SIGTERM / Ctrl-C on any rank: no evaluations, save, exit 0
 
     if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
@@ -229,20 +220,15 @@ while True:
         wandb_run.log({"step": step, **{f"val/{name}_acc": acc for name, acc in metrics.items()}})
         model.train()
 
-    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
-                        dict(model_config=model_config, user_config=user_config, val_loss=val_loss, metrics=metrics,
-                             start_source=start_source, dataloader_state=every_rank(dataloader_state),
-                             loop_state=dict(val_loss=val_loss, metrics=metrics, **progress_line.state())),
-                        rank=compute.rank)
-    if stop:
-        preemption.exit(step, checkpoint_dir, wandb_run)
-
+    saver.save_if_due(step, last_step, stop, model, optimizers, lambda: dict(  # the meta, built to save
+        model_config=model_config, user_config=user_config, val_loss=val_loss, metrics=metrics,
+        start_source=start.source, dataloader_state=every_rank(dataloader_state),
+        loop_state=dict(val_loss=val_loss, metrics=metrics, **progress_line.state())))
     if last_step:
         break
 
     # one optimiser step over target_examples_per_step conversations
-    t0 = time.time()
+    progress_line.start_step()
     train_loss, num_tokens, num_processed = 0.0, 0, 0
     for _ in range(grad_accum_steps):
         x, y, dataloader_state = next(train_loader)
@@ -253,10 +239,8 @@ while True:
     optim.step(optimizers, lrm, grad_clip=cfg.grad_clip)  # Muon's momentum stays 0.95, as in the reference
     train_loss = train_loss.item()
     num_tokens, num_processed = (int(n) for n in all_reduce_sum([num_tokens, num_processed], device))
-    compute.synchronize()
-    dt = time.time() - t0
     step += 1
-    step_metrics = progress_line.update(step, train_loss, lrm, dt, num_processed, extra={"num_tokens": num_tokens})
+    step_metrics = progress_line.update(step, train_loss, lrm, num_processed, extra={"num_tokens": num_tokens})
     wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()}})
 
 # -----------------------------------------------------------------------------
@@ -266,7 +250,7 @@ print0(f"conversations skipped on rank 0 (no assistant token within {cfg.max_seq
        f"{skipped['train']} in training, {skipped['val']} in validation passes")
 report.log(section="Chat SFT", data=[
     user_config,
-    {"start model": f"{start_source['source']} {start_source['model_tag']} step {start_source['step']}",
+    {"start model": f"{start.source['source']} {start.source['model_tag']} step {start.source['step']}",
      "train conversations": len(train_dataset), "iterations": num_iterations, "DDP world size": compute.world_size},
     {"final val loss": val_loss, **{f"{name} accuracy": acc for name, acc in metrics.items()}},
 ])

@@ -37,18 +37,16 @@ every stage. Val bits-per-byte every --eval_every steps and at the end.
 Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (same tag as the base model by default).
 """
 
-import time
 
 import torch
 import torch.distributed as dist
 
 from nanochat import memory_plan, optim
-from nanochat.checkpoint_manager import checkpoint_due, every_rank, load_start_model, save_checkpoint
+from nanochat.checkpoint_manager import StageSaver, every_rank, load_start_model
 from nanochat.common import compute_cleanup, compute_init, get_wandb, print0, use_fused_loss
 from nanochat.dataloader import conversation_batches
 from nanochat.flags import FlagError, parse_flags, print_flags, token_batch_plan
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.preempt import Preemption
 from nanochat.progress import TrainProgress
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -107,15 +105,11 @@ report = get_report()
 # -----------------------------------------------------------------------------
 # Model: the base checkpoint (or our own, when resuming)
 
-resuming = cfg.resume_from_step != -1  # a step, or -2: --resume_from_step=latest
-model, tokenizer, meta, optimizer_data, checkpoint_dir, start_source = load_start_model(
-    "mid", "base", device, compute.rank, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if there is none
-if resuming:
-    cfg.resume_from_step = meta["step"]  # `latest` resolved
-if resuming and (meta["user_config"]["max_seq_len"] != cfg.max_seq_len
-                 or len(meta["dataloader_state"]) != compute.world_size):
-    raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']} on "
-                    f"{len(meta['dataloader_state'])} rank(s): resume with the same")
+start = load_start_model("mid", "base", compute, cfg.model_tag, cfg.step, cfg.resume_from_step)  # stops if none
+model, tokenizer, meta = start.model, start.tokenizer, start.meta
+if start.resumed_step >= 0 and meta["user_config"]["max_seq_len"] != cfg.max_seq_len:
+    raise FlagError(f"the checkpoint was saved with --max_seq_len={meta['user_config']['max_seq_len']}: "
+                    f"resume with the same")
 model_config = meta["model_config"]
 orig_model = model  # uncompiled: for saving
 use_compile = cfg.compile == 1 or (cfg.compile == -1 and compute.device_type == "cuda")
@@ -123,17 +117,17 @@ orig_model.fused_loss = use_fused_loss(compute.device_type, use_compile)
 if use_compile:
     model = torch.compile(model, dynamic=False)
 num_flops_per_token = orig_model.estimate_flops()
-print0(f"model: base {start_source['model_tag']} step {start_source['step']}, {model_config}, compile {use_compile}")
+print0(f"model: base {start.source['model_tag']} step {start.source['step']}, {model_config}, compile {use_compile}")
 print0(batch_line)
 
 # -----------------------------------------------------------------------------
 # Optimisers: the base recipe's, every LR scaled by init_lr_frac
 
-optimizers = optim.build(orig_model, cfg, lr_scale=cfg.init_lr_frac, states=optimizer_data)
+optimizers = optim.build(orig_model, cfg, lr_scale=cfg.init_lr_frac, states=start.optimizer_data)
 memory_plan.check(orig_model, optimizers, compute, cfg.device_batch_size, cfg.max_seq_len, force=cfg.force,
                   batch_divides=cfg.total_batch_size // (cfg.max_seq_len * compute.world_size),
                   compiled=use_compile)  # stops here if it will not fit
-del optimizer_data
+start.optimizer_data = None  # loaded into the optimisers: free it
 
 # -----------------------------------------------------------------------------
 # Data: the mixtures, packed by nanochat/dataloader.py
@@ -182,8 +176,7 @@ def max_over_ranks(value: float) -> float:
     return tensor.item()
 
 
-loop_state = meta["loop_state"] if resuming else {}
-dataloader_state = meta["dataloader_state"][compute.rank] if resuming else None
+dataloader_state = start.dataloader_state  # None: from the start of the mixture
 train_loader = packed_batches(train_dataset, loop=True, state=dataloader_state)
 x, y, x_state, x_progress = next(train_loader)  # prefetch; x_state = stream position right after (x, y)
 token_bytes = get_token_bytes(device=device)
@@ -204,17 +197,16 @@ def get_lr_multiplier(step: int, progress: float) -> float:
 # -----------------------------------------------------------------------------
 # Training loop: step counts optimiser updates done so far
 
-step = cfg.resume_from_step if resuming else 0
+step, loop_state = start.step, start.loop_state
 progress = loop_state.get("progress", 0.0)  # fraction of the epoch consumed before this step
 min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
 val_bpb = loop_state.get("val_bpb")
 progress_line = TrainProgress(compute, cfg.num_iterations if cfg.num_iterations > 0 else None, num_flops_per_token,
                               first_step=step, state=loop_state)
-
-preemption = Preemption("scripts.mid_train", compute)  # SIGTERM / Ctrl-C: save after this step, exit 0
+saver = StageSaver("scripts.mid_train", compute, start.checkpoint_dir, cfg.save_every, start.resumed_step, wandb_run)
 while True:
     last_step = step == cfg.num_iterations if cfg.num_iterations > 0 else progress >= 1.0
-    stop = preemption.should_stop() and not last_step  # every rank agrees; evaluations are skipped
+    stop = saver.should_stop(last_step)  # SIGTERM / Ctrl-C on any rank: no evaluations, save, exit 0
 
     if not stop and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
         model.eval()
@@ -226,22 +218,15 @@ while True:
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
 
-    if checkpoint_due(step, cfg.save_every, last_step, stop, resumed_step=cfg.resume_from_step):
-        loop_state = dict(progress=progress, min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
-                        dict(model_config=model_config, user_config=user_config, val_bpb=val_bpb,
-                             start_source=start_source, dataloader_state=every_rank(dataloader_state),
-                             loop_state=loop_state),
-                        rank=compute.rank)
-    if stop:
-        preemption.exit(step, checkpoint_dir, wandb_run)
-
+    saver.save_if_due(step, last_step, stop, orig_model, optimizers, lambda: dict(  # the meta, built to save
+        model_config=model_config, user_config=user_config, val_bpb=val_bpb, start_source=start.source,
+        dataloader_state=every_rank(dataloader_state),
+        loop_state=dict(progress=progress, min_val_bpb=min_val_bpb, val_bpb=val_bpb, **progress_line.state())))
     if last_step:
         break
 
-    # one optimiser step: grad_accum_steps forward/backward passes, then optim.step (sync, update)
-    compute.synchronize()
-    t0 = time.time()
+    # one optimiser step: grad_accum_steps forward/backward passes, then optim.step (sync, clip, update)
+    progress_line.start_step()
     lrm = get_lr_multiplier(step, progress)
     train_loss = 0.0
     for _ in range(grad_accum_steps):
@@ -250,13 +235,11 @@ while True:
         x, y, x_state, x_progress = next(train_loader)
     optim.step(optimizers, lrm, momentum=optim.muon_momentum(step), grad_clip=cfg.grad_clip)
     train_loss = train_loss.item()
-    compute.synchronize()
-    dt = time.time() - t0
     step += 1
     progress = step / cfg.num_iterations if cfg.num_iterations > 0 else max_over_ranks(data_progress)
 
     # logging
-    step_metrics = progress_line.update(step, train_loss, lrm, dt, cfg.total_batch_size, fraction=progress)
+    step_metrics = progress_line.update(step, train_loss, lrm, cfg.total_batch_size, fraction=progress)
     wandb_run.log({"step": step, **{f"train/{k}": v for k, v in step_metrics.items()}, "train/progress": progress})
 
 # -----------------------------------------------------------------------------
@@ -266,7 +249,7 @@ totals = progress_line.totals(compute)  # prints peak memory and training time
 print0(f"min val bpb: {min_val_bpb:.4f}")
 report.log(section="Midtraining", data=[
     user_config,
-    {"base model": f"{start_source['model_tag']} step {start_source['step']}", "multiple-choice data": mcq_description,
+    {"base model": f"{start.source['model_tag']} step {start.source['step']}", "multiple-choice data": mcq_description,
      "train conversations": len(train_dataset), "val conversations": len(val_dataset), "iterations": step,
      "DDP world size": compute.world_size},
     {"min val bpb": min_val_bpb, "final val bpb": val_bpb,

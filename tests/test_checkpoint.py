@@ -185,3 +185,39 @@ def test_checkpoint_due_at_the_end_on_stop_and_every_n_but_never_the_resumed_ste
 def test_every_rank_on_one_process_is_a_list_of_its_state():
     state = {"epoch": 1, "index": 7}
     assert cm.every_rank(state) == [state]
+
+
+def test_this_rank_hands_back_each_ranks_state_and_needs_as_many_ranks():
+    from nanochat.common import Compute
+    from nanochat.flags import FlagError
+    def compute(rank, world_size):
+        return Compute(ddp=world_size > 1, rank=rank, local_rank=rank, world_size=world_size,
+                       device=torch.device("cpu"), device_type="cpu")
+    states = [{"index": 0}, {"index": 1}]
+    assert cm.this_rank(states, compute(1, 2)) == {"index": 1}
+    with pytest.raises(FlagError, match="saved by 2 rank\\(s\\).*this run has 1"):
+        cm.this_rank(states, compute(0, 1))
+
+
+def test_stage_saver_saves_when_due_builds_the_meta_only_then_and_never_stops_on_its_own(tmp_path):
+    from nanochat.common import Compute
+    compute = Compute(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), device_type="cpu")
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        saver = cm.StageSaver("scripts.base_train", compute, str(tmp_path), save_every=2, resumed_step=2)
+    finally:  # StageSaver watches for SIGTERM / Ctrl-C: give pytest its handlers back
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    model, built = torch.nn.Linear(2, 2), []
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
+    def meta():
+        built.append(1)
+        return {"tag": "x"}
+    for step in range(6):
+        last_step = step == 5
+        assert not saver.should_stop(last_step)  # no signal came
+        saver.save_if_due(step, last_step, False, model, optimizers, meta)
+    assert cm.find_last_step(str(tmp_path)) == 5 and len(built) == 2  # step 4 and the last; 2 was resumed from
+    assert sorted(p.name for p in tmp_path.glob("meta_*.json")) == ["meta_000004.json", "meta_000005.json"]
+    saver.preemption.requested = True  # as the signal handler would
+    assert saver.should_stop(last_step=False) and not saver.should_stop(last_step=True)

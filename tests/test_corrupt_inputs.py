@@ -86,13 +86,14 @@ def test_resuming_a_fine_tuning_stage_needs_its_dataloader_state(base_dir_with_t
     """A mid/SFT checkpoint whose meta lacks the stage's own keys is a clear error, not a KeyError."""
     import json
     from nanochat.checkpoint_manager import CheckpointError, load_start_model
+    from nanochat.common import compute_init
     ckpt = base_dir_with_tokenizer / "mid_checkpoints" / "d2"
     save_tiny(ckpt, tiny_tokenizer.get_vocab_size())
     meta = json.loads((ckpt / "meta_000002.json").read_text())
     del meta["dataloader_state"]
     (ckpt / "meta_000002.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError) as info:
-        load_start_model("mid", "base", "cpu", 0, model_tag="d2", resume_from_step=2)
+        load_start_model("mid", "base", compute_init("cpu"), model_tag="d2", resume_from_step=2)
     message = str(info.value.code)
     assert "\n" not in message and "dataloader_state" in message and "step 1" in message, message
 

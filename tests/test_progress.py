@@ -9,6 +9,7 @@ import pty
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,15 +50,15 @@ def test_train_line_format_ema_clock_and_eta(capsys):
 def test_train_line_resumes_from_its_state(capsys):
     straight = TrainProgress(CPU, 6, 1e6, first_step=0)
     for step in range(1, 7):
-        straight.update(step, 5.0 / step, 1.0, 1.0, 100)
+        straight.update(step, 5.0 / step, 1.0, 100, dt=1.0)
     expected = capsys.readouterr().out.splitlines()[3:]
     first = TrainProgress(CPU, 6, 1e6, first_step=0)
     for step in range(1, 4):
-        first.update(step, 5.0 / step, 1.0, 1.0, 100)
+        first.update(step, 5.0 / step, 1.0, 100, dt=1.0)
     resumed = TrainProgress(CPU, 6, 1e6, first_step=3, state=first.state())
     capsys.readouterr()
     for step in range(4, 7):
-        resumed.update(step, 5.0 / step, 1.0, 1.0, 100)
+        resumed.update(step, 5.0 / step, 1.0, 100, dt=1.0)
     got = capsys.readouterr().out.splitlines()
     # the same loss (EMA continued); the resumed process does not time its own first step
     assert [lines(g)[0][4] for g in got] == [lines(e)[0][4] for e in expected]
@@ -65,7 +66,7 @@ def test_train_line_resumes_from_its_state(capsys):
 
 def test_train_line_with_a_data_fraction_horizon(capsys):
     progress = TrainProgress(CPU, None, 1e6, first_step=0, ema_beta=0.0)
-    progress.update(5, 2.5, 1.0, 1.0, 100, fraction=0.25)
+    progress.update(5, 2.5, 1.0, 100, fraction=0.25, dt=1.0)
     line = lines(capsys.readouterr().out)[0]
     assert line[2] == "~00020" and line[3] == "25.00" and line[4] == "2.500000"
 
@@ -77,12 +78,21 @@ def test_mfu_with_a_known_peak(capsys):
     assert metrics["mfu"] == pytest.approx(10.0) and "mfu 10.00%" in capsys.readouterr().out
 
 
+def test_the_step_clock_runs_from_start_step(capsys):
+    progress = TrainProgress(CPU, 10, flops_per_token=1e6, first_step=0)
+    progress.start_step()
+    time.sleep(0.05)
+    metrics = progress.update(1, 1.0, 1.0, tokens=100)  # no dt: measured
+    assert 0.05 <= metrics["dt"] < 5.0
+
+
 @pytest.mark.parametrize("stage", ["base_train", "mid_train", "chat_sft", "chat_rl"])
 def test_every_training_stage_prints_the_one_line(stage):
     source = (REPO_ROOT / "scripts" / f"{stage}.py").read_text()
     assert "progress_line = TrainProgress(" in source and "progress_line.update(step," in source
     assert not re.search(r"print0\(f\"step \{step:05d\}/", source)  # no line of its own
     assert "progress_line.state()" in source  # the checkpoint keeps the EMA and the clock
+    assert "progress_line.start_step()" in source and "time.time()" not in source  # one clock for all
 
 
 # -----------------------------------------------------------------------------
