@@ -1,6 +1,6 @@
 """
 The chat page's main thread while a long reply streams in: a 4,000-token markdown reply (prose,
-lists, code blocks, tables) streamed into nanochat/ui.html in Chromium, as the page ships
+lists, code blocks, tables, inline and display math) streamed into nanochat/ui.html in Chromium, as the page ships
 (once per animation frame, only the reply's last blocks re-lexed and re-rendered) and, side by
 side, with the baseline the issue warns about (the whole reply re-rendered at every frame).
 
@@ -45,12 +45,14 @@ args = parser.parse_args()
 
 
 def markdown_reply(n_tokens: int) -> list[str]:
-    """A long reply in ~4-character tokens: sections of prose, a list, a Python block and a table."""
+    """A long reply in ~4-character tokens: sections of prose, a list, math, a Python block and a table."""
     sections = []
     i = 0
     while sum(len(s) for s in sections) < n_tokens * 4:
         sections.append(f"## Step {i}\n\nWe compute the **running total** of `values[{i}]` and keep the *maximum*; "
                         f"see [the docs](https://example.com/{i}).\n\n- first, read the input\n- then, add it up\n\n"
+                        f"The mean is $\\bar{{x}} = \\frac{{1}}{{n}} \\sum_{{j=1}}^{{n}} x_j$, and for $5 the bound is\n\n"
+                        f"$$\n\\max_{{j}} x_j \\le \\sqrt{{\\sum_{{j=1}}^{{n}} x_j^2}} + {i}\n$$\n\n"
                         f"```python\ndef total_{i}(values):\n    best = 0\n    for v in values:\n"
                         f"        best = max(best, v + {i})  # step {i}\n    return best\n```\n\n"
                         f"| n | total | max |\n|---|---|---|\n| {i} | {i * 3} | {i * 7} |\n| {i + 1} | {i * 3 + 3} | {i * 7 + 7} |\n\n")
@@ -163,7 +165,8 @@ def run(browser, url: str, baseline: bool) -> dict:
               "load_longest_task_ms": max(load_tasks, default=0.0),
               "key_delay_max_ms": delays[-1] if delays else 0.0,
               "key_delay_median_ms": delays[len(delays) // 2] if delays else 0.0, "keys": len(delays),
-              "wall_s": wall, "tables": rendered.locator("table").count(), "code_blocks": rendered.locator("pre").count()}
+              "wall_s": wall, "tables": rendered.locator("table").count(), "code_blocks": rendered.locator("pre").count(),
+              "formulas": rendered.locator("math").count()}
     context.close()
     return result
 
@@ -190,12 +193,12 @@ def main():
             ("page load: same (ms)", "load_longest_task_ms", "{:.0f}"),
             ("key delay, max (ms)", "key_delay_max_ms", "{:.0f}"), ("key delay, median (ms)", "key_delay_median_ms", "{:.1f}"),
             ("keys typed", "keys", "{}"), ("first token to end (s)", "wall_s", "{:.1f}"),
-            ("tables / code blocks", None, None)]
+            ("tables / code / formulas", None, None)]
     print(f"\n| {'':24} | {names[0]:>36} | {names[1]:>36} | ratio |")
     print(f"|{'-' * 26}|{'-' * 38}:|{'-' * 38}:|------:|")
     for label, key, fmt in rows:
         if key is None:
-            cells = [f"{results[n]['tables']} / {results[n]['code_blocks']}" for n in names]
+            cells = [f"{results[n]['tables']} / {results[n]['code_blocks']} / {results[n]['formulas']}" for n in names]
             print(f"| {label:24} | {cells[0]:>36} | {cells[1]:>36} |       |")
             continue
         a, b = results[names[0]][key], results[names[1]][key]

@@ -12,6 +12,7 @@ set -euo pipefail
 MARKED=18.3.0          # markdown -> HTML (GFM tables, fences); see nanochat/static/chat.js for why marked
 DOMPURIFY=3.5.0        # sanitises that HTML before it reaches the page
 HIGHLIGHTJS=11.12.0    # code highlighting, the "common" bundle of ~36 languages
+KATEX=0.19.1           # TeX math -> MathML; only katex.min.js: MathML output needs no KaTeX CSS or fonts
 
 cd "$(dirname "$0")/.."
 OUT=nanochat/static/vendor
@@ -29,6 +30,7 @@ fetch() {  # fetch NAME VERSION -> $TMP/<dir>/package
 marked=$(fetch marked "$MARKED")
 purify=$(fetch dompurify "$DOMPURIFY")
 hljs=$(fetch @highlightjs/cdn-assets "$HIGHLIGHTJS")
+katex=$(fetch katex "$KATEX")
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*
@@ -42,9 +44,13 @@ cp "$hljs/highlight.min.js" "$OUT/highlight.min.js"
 cp "$hljs/styles/github.min.css" "$OUT/github.min.css"
 cp "$hljs/styles/github-dark.min.css" "$OUT/github-dark.min.css"
 cp "$hljs/LICENSE" "$OUT/LICENSE.highlightjs"
+cp "$katex/dist/katex.min.js" "$OUT/katex.min.js"
+sed -i '/^\/\/# sourceMappingURL=/d' "$OUT/katex.min.js"
+cp "$katex/LICENSE" "$OUT/LICENSE.katex"
 cat > "$OUT/VERSIONS" <<VERSIONS
 marked $MARKED (MIT) https://www.npmjs.com/package/marked
 dompurify $DOMPURIFY (MPL-2.0 OR Apache-2.0) https://www.npmjs.com/package/dompurify
 @highlightjs/cdn-assets $HIGHLIGHTJS (BSD-3-Clause) https://www.npmjs.com/package/@highlightjs/cdn-assets
+katex $KATEX (MIT) https://www.npmjs.com/package/katex
 VERSIONS
 du -cb "$OUT"/*.js "$OUT"/*.css | tail -1 | awk '{printf "[vendor_web] %s: %.0f KB of scripts and styles\n", "'"$OUT"'", $1/1000}'

@@ -123,6 +123,7 @@ def save_screenshot(page, tmp_path, name):
 
 # The page's fetch of /chat/completions, re-chunked: one SSE event per read, each two animation
 # frames after the last, so the page draws every state of the reply however fast the server is.
+# Stopping aborts it as it aborts a real fetch (the wrapper may already hold the whole reply).
 SLOW_STREAM = """(() => {
   const realFetch = window.fetch, encoder = new TextEncoder();
   const frames = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
@@ -138,6 +139,8 @@ SLOW_STREAM = """(() => {
         buffer += decoder.decode(value, { stream: true });
       }
       await frames();
+      // a real fetch's body errors once aborted, even when all of it has arrived: so does this one
+      if (options && options.signal && options.signal.aborted) throw new DOMException('aborted', 'AbortError');
       const cut = buffer.indexOf('\\n\\n') + 2;
       controller.enqueue(encoder.encode(buffer.slice(0, cut)));
       buffer = buffer.slice(cut);
