@@ -438,13 +438,11 @@ unclosed fence at the end
 """
 
 
-@pytest.mark.parametrize("name", ["reply", "tricky"])
-def test_streaming_markdown_renders_the_same_as_rendering_once(page, name):
+def streamed_and_once(page, text: str) -> dict:
     """The incremental renderer (re-lexes and re-renders only the last blocks) against one full
-    render of the same text, with the text cut at every length: the same elements and the same
-    text; at the end, the same HTML. An unclosed fence shows as code while it streams."""
-    text = {"reply": MARKDOWN_REPLY, "tricky": TRICKY_MARKDOWN}[name]
-    result = page.page.evaluate("""(text) => {
+    render of `text`, cut at every length: the first mismatches of elements and text, and whether
+    the final HTML is the same. The full render stays in window.renderedOnce for further checks."""
+    return page.page.evaluate("""(text) => {
         const once = document.createElement('div'), live = document.createElement('div');
         const stream = new Markdown.StreamingMarkdown(live);
         const shape = (el) => [...el.querySelectorAll('*')].filter((e) => !['DIV', 'BUTTON', 'SPAN'].includes(e.tagName))
@@ -457,18 +455,30 @@ def test_streaming_markdown_renders_the_same_as_rendering_once(page, name):
         }
         stream.update(text, true);
         Markdown.render(once, text);
+        window.renderedOnce = once;
+        return {mismatches: mismatches.slice(0, 3), same: live.innerHTML.replace(/<\\/?div[^>]*>/g, '') === once.innerHTML};
+    }""", text)
+
+
+@pytest.mark.parametrize("name", ["reply", "tricky"])
+def test_streaming_markdown_renders_the_same_as_rendering_once(page, name):
+    """Streamed and rendered once, with the text cut at every length: the same elements and the
+    same text; at the end, the same HTML. An unclosed fence shows as code while it streams."""
+    text = {"reply": MARKDOWN_REPLY, "tricky": TRICKY_MARKDOWN}[name]
+    result = streamed_and_once(page, text)
+    assert result["mismatches"] == [] and result["same"], result
+    result = page.page.evaluate("""() => {
         // a reference link resolves once the reply is complete (mid-stream, only the last blocks are re-lexed)
         const refs = document.createElement('div'), refStream = new Markdown.StreamingMarkdown(refs);
         const refText = '[ref]: https://example.com/ref\\n\\nSome text.\\n\\nMore.\\n\\nA [link][ref].';
         for (let n = 1; n <= refText.length; n++) refStream.update(refText.slice(0, n));
         refStream.update(refText, true);
-        if (!refs.querySelector('a[href="https://example.com/ref"]')) mismatches.push('reference link');
         const fence = document.createElement('div');
         new Markdown.StreamingMarkdown(fence).update('Here:\\n\\n```js\\nconst x = 1;\\nconst y');
-        return {mismatches: mismatches.slice(0, 3), same: live.innerHTML.replace(/<\\/?div[^>]*>/g, '') === once.innerHTML,
+        return {reference: !!refs.querySelector('a[href="https://example.com/ref"]'),
                 fence: fence.querySelector('pre code') && fence.querySelector('pre code').textContent};
-    }""", text)
-    assert result["mismatches"] == [] and result["same"], result
+    }""")
+    assert result["reference"], "a reference link did not resolve once the reply was complete"
     assert result["fence"].rstrip("\n") == "const x = 1;\nconst y"
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_browser import PHONE, Page, browser, page, save_screenshot, server  # noqa: F401  (fixtures)
+from test_browser import PHONE, Page, browser, page, save_screenshot, server, streamed_and_once  # noqa: F401
 from test_chat_web import chat_base_dir  # noqa: F401  (a fixture)
 
 MATH_REPLY = r"""Euler's identity, $e^{i\pi} + 1 = 0$, and a sum $\sum_{k=1}^{n} k = \frac{n(n+1)}{2}$.
@@ -88,23 +88,12 @@ $$unclosed at the end \alpha"""
 def test_streaming_math_renders_the_same_as_rendering_once(page):
     """As tests/test_browser.py does for markdown: the text cut at every length, streamed and
     rendered once, gives the same elements and text; an unclosed $$ is text while it streams."""
-    result = page.page.evaluate("""(text) => {
-        const once = document.createElement('div'), live = document.createElement('div');
-        const stream = new Markdown.StreamingMarkdown(live);
-        const shape = (el) => [...el.querySelectorAll('*')].filter((e) => !['DIV', 'BUTTON', 'SPAN'].includes(e.tagName))
-            .map((e) => e.tagName).join(',') + '|' + el.textContent.replace(/Copy/g, '');
-        const mismatches = [];
-        for (let n = 1; n <= text.length; n++) {
-            stream.update(text.slice(0, n));
-            Markdown.render(once, text.slice(0, n));
-            if (shape(live) !== shape(once)) mismatches.push([n, shape(live), shape(once)]);
-        }
-        stream.update(text, true);
-        Markdown.render(once, text);
-        return {mismatches: mismatches.slice(0, 3), maths: once.querySelectorAll('math').length,
-                same: live.innerHTML.replace(/<\\/?div[^>]*>/g, '') === once.innerHTML,
-                em: once.querySelector('em').textContent, last: once.lastElementChild.textContent};
-    }""", MATH_STREAM)
+    result = streamed_and_once(page, MATH_STREAM)
+    result.update(page.page.evaluate("""() => {
+        const once = window.renderedOnce;
+        return {maths: once.querySelectorAll('math').length, em: once.querySelector('em').textContent,
+                last: once.lastElementChild.textContent};
+    }"""))
     assert result["mismatches"] == [] and result["same"], result
     assert result["maths"] == 9, result  # f, g, d/dx, ∫, a*b, x1, y1, √2, e^x; "$5" and the unclosed one are text
     assert result["em"].startswith("bold ") and result["em"].endswith(" italics")  # the * inside math is not emphasis
