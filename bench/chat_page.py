@@ -1,12 +1,13 @@
 """
 The chat page's main thread while a long reply streams in: a 4,000-token markdown reply (prose,
-lists, code blocks, tables, inline and display math) streamed into nanochat/ui.html in Chromium, as the page ships
+lists, code blocks with and without a language, tables, inline and display math) streamed into nanochat/ui.html in Chromium, as the page ships
 (once per animation frame, only the reply's last blocks re-lexed and re-rendered) and, side by
 side, with the baseline the issue warns about (the whole reply re-rendered at every frame).
 
 Run:
     python bench/chat_page.py                       # 4,000 tokens, 2 ms apart (500 tok/s)
     python bench/chat_page.py --tokens 8000 --gap_ms 0
+    python bench/chat_page.py --warm_up 0            # the page without its idle warm-up
 
 The page is served by a small stand-in server here (http.server on 127.0.0.1), not by chat_web:
 its / and /static/ are the real files with chat_web's CSP, /health a canned answer, and
@@ -21,7 +22,9 @@ PerformanceObserver):
   Tasks API); the page's own load (parsing the vendored scripts) is shown on a row of its own;
 - typing: a key is typed into #input every 50 ms during the stream; the worst and the median
   delay from the key's event to its handler (Event Timing API: processingStart - startTime);
-- the wall time from the first token to the rendered end.
+- the wall time from the first token to the rendered end;
+- tables, code blocks (of which highlighted: "lit") and formulas on the page at the end.
+Both modes start once the page's idle warm-up is done (Markdown.warm), as a user's first reply would.
 Goal: no task over 50 ms, and typing stays responsive throughout.
 """
 
@@ -40,12 +43,14 @@ sys.path.insert(0, str(REPO_ROOT))
 parser = argparse.ArgumentParser(description="Main-thread cost of streaming a long markdown reply into the chat page.")
 parser.add_argument("--tokens", type=int, default=4000, help="reply length in SSE token events")
 parser.add_argument("--gap_ms", type=float, default=2.0, help="time between two token events (0: as fast as possible)")
+parser.add_argument("--warm_up", type=int, default=1, help="0: serve the page without its idle warm-up (to measure what it buys)")
 parser.add_argument("--chromium", default="/usr/bin/chromium", help="the browser (bash dev/install_browser.sh)")
 args = parser.parse_args()
 
 
 def markdown_reply(n_tokens: int) -> list[str]:
-    """A long reply in ~4-character tokens: sections of prose, a list, math, a Python block and a table."""
+    """A long reply in ~4-character tokens: sections of prose, a list, math, a Python block, a block that
+    names no language (its language is guessed: static/highlight-worker.js) and a table."""
     sections = []
     i = 0
     while sum(len(s) for s in sections) < n_tokens * 4:
@@ -55,6 +60,8 @@ def markdown_reply(n_tokens: int) -> list[str]:
                         f"$$\n\\max_{{j}} x_j \\le \\sqrt{{\\sum_{{j=1}}^{{n}} x_j^2}} + {i}\n$$\n\n"
                         f"```python\ndef total_{i}(values):\n    best = 0\n    for v in values:\n"
                         f"        best = max(best, v + {i})  # step {i}\n    return best\n```\n\n"
+                        f"Run it:\n\n```\n$ python -m scripts.total --step {i} --values data/values_{i}.txt\n"
+                        f"total_{i}: {i * 3} (max {i * 7})\n```\n\n"
                         f"| n | total | max |\n|---|---|---|\n| {i} | {i * 3} | {i * 7} |\n| {i + 1} | {i * 3 + 3} | {i * 7 + 7} |\n\n")
         i += 1
     text = "".join(sections)
@@ -91,7 +98,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(404, b"not found", "text/plain")
         kind = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}.get(
             path.suffix, "application/octet-stream")
-        self.send(200, path.read_bytes(), kind, [("Content-Security-Policy", CSP)] if path.suffix == ".html" else [])
+        body = path.read_bytes()
+        if not args.warm_up and path.name == "chat.js":
+            body = body.replace(b"Markdown.warmUp();", b"")
+        self.send(200, body, kind, [("Content-Security-Policy", CSP)] if path.suffix == ".html" else [])
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -135,6 +145,10 @@ def run(browser, url: str, baseline: bool) -> dict:
     page.set_default_timeout(600_000)
     page.goto(url)
     page.wait_for_function("() => document.getElementById('model-name').textContent.length > 0")
+    if args.warm_up:  # the page's warm-up, done while idle (a user is still typing)
+        page.wait_for_function("() => Markdown.warm")
+    else:
+        page.wait_for_timeout(1000)
     if baseline:
         page.evaluate(FULL_RERENDER)
     page.evaluate(OBSERVE)
@@ -151,6 +165,11 @@ def run(browser, url: str, baseline: bool) -> dict:
         page.wait_for_timeout(50)
     page.wait_for_selector("#regenerate")
     wall = time.perf_counter() - t0
+    try:  # blocks that name no language are highlighted by a worker: its last answers may still come
+        page.wait_for_function("() => [...document.querySelectorAll('.msg.assistant pre code')]"
+                               ".every((c) => c.querySelector('span'))", timeout=10_000)
+    except Exception:
+        pass  # counted below as not highlighted
     after = metrics()
     # buffered: the page's own load shows up too (start < 0); it is reported apart from the stream
     entries = page.evaluate("window.longTasks")
@@ -166,6 +185,7 @@ def run(browser, url: str, baseline: bool) -> dict:
               "key_delay_max_ms": delays[-1] if delays else 0.0,
               "key_delay_median_ms": delays[len(delays) // 2] if delays else 0.0, "keys": len(delays),
               "wall_s": wall, "tables": rendered.locator("table").count(), "code_blocks": rendered.locator("pre").count(),
+              "highlighted": rendered.locator("pre code:has(span)").count(),
               "formulas": rendered.locator("math").count()}
     context.close()
     return result
@@ -193,12 +213,13 @@ def main():
             ("page load: same (ms)", "load_longest_task_ms", "{:.0f}"),
             ("key delay, max (ms)", "key_delay_max_ms", "{:.0f}"), ("key delay, median (ms)", "key_delay_median_ms", "{:.1f}"),
             ("keys typed", "keys", "{}"), ("first token to end (s)", "wall_s", "{:.1f}"),
-            ("tables / code / formulas", None, None)]
+            ("tables / code (lit) / math", None, None)]
     print(f"\n| {'':24} | {names[0]:>36} | {names[1]:>36} | ratio |")
     print(f"|{'-' * 26}|{'-' * 38}:|{'-' * 38}:|------:|")
     for label, key, fmt in rows:
         if key is None:
-            cells = [f"{results[n]['tables']} / {results[n]['code_blocks']} / {results[n]['formulas']}" for n in names]
+            cells = [f"{results[n]['tables']} / {results[n]['code_blocks']} ({results[n]['highlighted']}) / "
+                     f"{results[n]['formulas']}" for n in names]
             print(f"| {label:24} | {cells[0]:>36} | {cells[1]:>36} |       |")
             continue
         a, b = results[names[0]][key], results[names[1]][key]

@@ -377,3 +377,4 @@ fetch("/health").then((res) => res.json()).then((health) => {
 load();
 render();
 scrollDown();
+Markdown.warmUp();  // while the page is idle: the first reply's first frames are then as cheap as the rest

@@ -31,7 +31,9 @@
    -- usually the last one -- so a 4,000-token reply is not re-lexed or re-rendered from the top at
    every frame (bench/chat_page.py measures it against doing so). An unclosed
    code fence lexes as a code block to the end of the text, so code in progress shows as code.
-   The growing block is highlighted once it is complete (or the reply ends), not at every frame. */
+   The growing block is highlighted once it is complete (or the reply ends), not at every frame;
+   a block that names no language is highlighted by a worker (see highlight() below). After the
+   page loads, warmUp() pays the libraries' first-call costs while the page is idle. */
 "use strict";
 
 const Markdown = (() => {
@@ -128,10 +130,54 @@ const Markdown = (() => {
     return sanitize(marked.parser(list));
   }
 
+  // A block that names its language (```python) is highlighted here: one grammar, a few ms. One
+  // that names none is sent to static/highlight-worker.js, which guesses the language by running
+  // every grammar (20-110 ms: too long for the page's main thread); its answer, sanitised to
+  // <span class>, replaces the block's plain code if the block is still on the page, unchanged.
   function highlight(root) {
     for (const code of root.querySelectorAll("pre code:not(.hljs)")) {
-      hljs.highlightElement(code);  // language from class="language-x", else detected
+      const named = /\blanguage-(\S+)/.exec(code.className);
+      if (named) hljs.highlightElement(code);  // an unknown name leaves it plain
+      else guessAndHighlight(code);
     }
+  }
+
+  let worker = null, nextId = 0;
+  const waiting = new Map();  // id -> [code element, its text]
+  function startWorker() {
+    if (worker !== null) return worker;
+    try {
+      worker = new Worker("/static/highlight-worker.js");
+    } catch (e) {
+      return (worker = false);  // no workers here: such blocks stay plain
+    }
+    worker.onmessage = ({ data }) => {
+      const entry = waiting.get(data?.id);
+      waiting.delete(data?.id);
+      if (!entry) return;
+      const [code, text] = entry;
+      if (!code.isConnected || code.textContent !== text) return;  // re-rendered or gone meanwhile
+      if (typeof data.html === "string") {
+        code.innerHTML = DOMPurify.sanitize(data.html, { ALLOWED_TAGS: ["span"], ALLOWED_ATTR: ["class"] });
+        if (code.textContent !== text) code.textContent = text;  // highlighting never changes the code
+      }
+      const guess = data.language, language = typeof guess === "string" && /^[\w+#-]{1,40}$/.test(guess) ? guess : "plaintext";
+      code.classList.add(`language-${language}`);  // the guess (also: this block is done)
+    };
+    worker.onerror = (event) => {  // e.g. the script did not load: handled here, not a page error
+      event.preventDefault();
+      worker.terminate();
+      worker = false;
+      waiting.clear();
+    };
+    return worker;
+  }
+  function guessAndHighlight(code) {
+    code.classList.add("hljs");  // claimed (and styled): not sent twice
+    if (!startWorker()) return;
+    const text = code.textContent, id = ++nextId;
+    waiting.set(id, [code, text]);
+    worker.postMessage({ id, code: text });
   }
 
   // A "Copy" button on every code block of `root` (buttons are ours: added after sanitising)
@@ -211,5 +257,44 @@ const Markdown = (() => {
     }
   }
 
-  return { render, StreamingMarkdown, copyText, escapeHtml, sanitize };
+  // The first call of each library is slow: marked and DOMPurify are compiled by the JIT (~15-25 ms),
+  // KaTeX too (~5 ms), each highlight.js grammar is compiled on first use (2-35 ms), and the
+  // browser's first layout of code and math shapes their fonts (~6 ms). Paid during the first
+  // frames of a reply, these add up to one 25 ms task, or 60 ms on a busy machine. warmUp() pays them
+  // while the page is idle after loading, one small step per idle callback: render a sample with
+  // each kind of block, lay it out off screen (added and removed in the same step, so nothing else
+  // ever sees it), compile every grammar, and start the worker that guesses languages; then
+  // Markdown.warm is true.
+  const SAMPLE = "## A title\n\nSome **bold**, *emphasis*, `code` and $x^2$:\n\n- one\n- two\n\n1. first\n\n" +
+    "> quoted\n\n$$\n\\frac{1}{n} \\sum_{j=1}^{n} \\sqrt{x_j}\n$$\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n" +
+    "```python\ndef f(x):\n    return x + 1  # one\n```\n";
+  function warmUp() {
+    const sample = document.createElement("div");
+    sample.className = "md offscreen";
+    sample.setAttribute("aria-hidden", "true");
+    const steps = [
+      () => marked.lexer(SAMPLE),
+      () => katex.renderToString("\\sqrt{x^2}", KATEX) + katex.renderToString("\\frac{1}{n}", { ...KATEX, displayMode: true }),
+      () => hljs.highlight("def f(x):\n    return x  # one\n", { language: "python" }),
+      () => sanitize(marked.parse(SAMPLE)),
+      () => render(sample, SAMPLE),
+      () => {
+        document.body.append(sample);
+        sample.getBoundingClientRect();  // forces style and layout now
+        sample.remove();
+      },
+      ...hljs.listLanguages().map((language) => () => hljs.highlight("x = 1", { language, ignoreIllegals: true })),
+      startWorker,
+      () => { api.warm = true; },
+    ];
+    const idle = window.requestIdleCallback || ((f) => setTimeout(f, 50));  // Safari has no requestIdleCallback
+    const run = () => {  // one step a callback: two cold steps in a row can pass 50 ms
+      try { steps.shift()(); } catch (e) { /* a warm-up step is never worth an error */ }
+      if (steps.length) idle(run, { timeout: 2000 });
+    };
+    idle(run, { timeout: 2000 });
+  }
+
+  const api = { render, StreamingMarkdown, copyText, escapeHtml, sanitize, warmUp, warm: false };
+  return api;
 })();
