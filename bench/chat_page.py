@@ -1,8 +1,9 @@
 """
 The chat page's main thread while a long reply streams in: a 4,000-token markdown reply (prose,
-lists, code blocks with and without a language, tables, inline and display math) streamed into nanochat/ui.html in Chromium, as the page ships
-(once per animation frame, only the reply's last blocks re-lexed and re-rendered) and, side by
-side, with the baseline the issue warns about (the whole reply re-rendered at every frame).
+lists, code blocks with and without a language, tables, inline and display math) streamed into
+nanochat/ui.html in Chromium, as the page ships (once per animation frame, only the reply's last
+blocks re-lexed and re-rendered) and, side by side, with the baseline the issue warns about (the
+whole reply re-rendered at every frame).
 
 Run:
     python bench/chat_page.py                       # 4,000 tokens, 2 ms apart (500 tok/s)

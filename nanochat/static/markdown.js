@@ -161,8 +161,8 @@ const Markdown = (() => {
         code.innerHTML = DOMPurify.sanitize(data.html, { ALLOWED_TAGS: ["span"], ALLOWED_ATTR: ["class"] });
         if (code.textContent !== text) code.textContent = text;  // highlighting never changes the code
       }
-      const guess = data.language, language = typeof guess === "string" && /^[\w+#-]{1,40}$/.test(guess) ? guess : "plaintext";
-      code.classList.add(`language-${language}`);  // the guess (also: this block is done)
+      const guess = typeof data.language === "string" && /^[\w+#-]{1,40}$/.test(data.language) ? data.language : "plaintext";
+      code.classList.add(`language-${guess}`);  // the guess (also: this block is done)
     };
     worker.onerror = (event) => {  // e.g. the script did not load: handled here, not a page error
       event.preventDefault();
