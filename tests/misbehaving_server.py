@@ -122,9 +122,11 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
 def interrupt_mid_download(args: list[str], cwd, started, stopped=None) -> tuple[float, int, str]:
     """Run `python *args` in `cwd`, wait until `started()` (e.g. its temp files exist), send it
     SIGINT, and return (seconds until `stopped()` is true, by default until the process has exited;
-    its exit status; its stderr)."""
+    its exit status; its stderr). The child gets SIGINT's default action back: a test runner started
+    as a background job (`cmd &`) ignores SIGINT, its children inherit that, and Python then never
+    raises KeyboardInterrupt."""
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(started, timeout=60, what="the download to start")
         time.sleep(0.3)  # well inside the blocked read
