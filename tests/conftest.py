@@ -121,3 +121,11 @@ def copy_checkpoint(src_dir: Path, dst_dir: Path, step: int) -> None:
     dst_dir.mkdir(parents=True, exist_ok=True)
     for f in src_dir.glob(f"*_{step:06d}*"):
         shutil.copy(f, dst_dir / f.name)
+
+
+def default_sigint() -> None:
+    """A `preexec_fn` for a subprocess a test will send SIGINT (Ctrl-C): it gives the child SIGINT's
+    default action back. A test runner started as a background job (`cmd &`) ignores SIGINT, its
+    children inherit that, and Python then never raises KeyboardInterrupt."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -27,6 +27,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from conftest import default_sigint
+
 
 class MisbehavingServer:
     def __init__(self, root, trickle_s: float = 2.0):
@@ -122,11 +124,9 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
 def interrupt_mid_download(args: list[str], cwd, started, stopped=None) -> tuple[float, int, str]:
     """Run `python *args` in `cwd`, wait until `started()` (e.g. its temp files exist), send it
     SIGINT, and return (seconds until `stopped()` is true, by default until the process has exited;
-    its exit status; its stderr). The child gets SIGINT's default action back: a test runner started
-    as a background job (`cmd &`) ignores SIGINT, its children inherit that, and Python then never
-    raises KeyboardInterrupt."""
+    its exit status; its stderr). The child gets SIGINT's default action back (conftest.default_sigint)."""
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, preexec_fn=default_sigint)
     try:
         wait_for(started, timeout=60, what="the download to start")
         time.sleep(0.3)  # well inside the blocked read

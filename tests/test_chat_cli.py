@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, default_sigint
 from test_chat_web import HI_REPLY, SING_CHUNK, chat_base_dir  # noqa: F401  (chat_base_dir: a fixture)
 
 CALC_SHOWN = "Let me compute. [calculator: 6*7 → 42]The answer is 42."
@@ -77,9 +77,8 @@ def test_interactive_session_through_a_pipe(chat_base_dir):
 
 
 def test_ctrl_c_stops_a_reply_then_the_chat_goes_on(chat_base_dir):
-    # the model would sing 1,500 tokens (~210 "la"); SIGINT as it starts (default action even if
-    # the test runner ignores SIGINT, as background jobs do)
-    proc = cli(chat_base_dir, "-t", "0", "-m", "1500", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # the model would sing 1,500 tokens (~210 "la"); SIGINT as it starts
+    proc = cli(chat_base_dir, "-t", "0", "-m", "1500", preexec_fn=default_sigint)
     proc.stdin.write("sing\n")
     proc.stdin.flush()
     seen = ""
